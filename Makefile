@@ -1,0 +1,60 @@
+# Every target does its own setup: `make parity` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On these machines torch==2.13.0 resolves to the CPU build on local disk; installing it first
+# keeps pip from pulling a multi-GB CUDA build for the `torch>=2.4` requirement.
+TORCH_SPEC ?= torch==2.13.0
+# The second reference version the parity tests run against (transformers 4.57 layout).
+VENV457 ?= .venv-457
+PY457 := $(VENV457)/bin/python
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: install install-457 test test-457 test-slow lint format parity bench fuzz clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
+	touch $@
+
+install-457: $(VENV457)/.installed
+$(VENV457)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV457)
+	$(PY457) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100"
+	touch $@
+
+## test: the fast suite (tiny and base configs) against the installed transformers 5.x
+test: install
+	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q
+
+## test-457: the transformers-facing tests again under transformers 4.57.6
+test-457: install-457
+	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY457) -m pytest -q -m "transformers and not slow"
+
+## test-slow: full-size presets (so400m) and other minutes-long tests
+test-slow: install
+	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q -m slow
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+parity: install
+	@echo "make parity: the parity harness (issue 3) is not built yet; it will compare"
+	@echo "base-patch16-224 and so400m-patch14-384 with transformers site by site."
+	@exit 1
+
+bench: install
+	@echo "make bench: the benchmark (issue 5) is not built yet; it will time ours vs"
+	@echo "transformers sdpa/eager side by side and write BENCHMARKS.md."
+	@exit 1
+
+clean:
+	rm -rf $(VENV) $(VENV457) .pytest_cache .ruff_cache build src/*.egg-info

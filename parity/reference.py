@@ -1,0 +1,91 @@
+"""The reference: ``transformers.SiglipVisionModel`` built around *our* tensors (no copy).
+
+transformers 4.57 wraps the tower (``vision_model.embeddings…``); 5.6 and later are flat
+(``embeddings…``). `canonical_name` maps both to hub-layout names, so nothing downstream
+special-cases a version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from siglip_scratch.config import SiglipVisionConfig
+from siglip_scratch.errors import InputError
+
+__all__ = ["build_reference", "canonical_name", "reference_prefix", "transformers_version"]
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(
+            "the parity reference needs transformers, which is not installed",
+            "transformers",
+            'pip install "siglip-scratch[parity]"',
+        ) from None
+    return transformers
+
+
+def transformers_version() -> str:
+    return _import_transformers().__version__
+
+
+def reference_prefix(model: nn.Module) -> str:
+    """The prefix to strip from the reference's module names to get canonical names minus
+    ``vision_model.``: ``"vision_model."`` for the 4.57 wrapper, ``""`` for the flat layout."""
+    return "vision_model." if hasattr(model, "vision_model") else ""
+
+
+def canonical_name(name: str, prefix: str) -> str:
+    """Reference module/parameter name -> hub-layout name (``vision_model.…``)."""
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix) :]
+    return "vision_model." + name if name else "vision_model"
+
+
+def build_reference(
+    config: SiglipVisionConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A ``transformers.SiglipVisionModel`` in eval mode whose parameters *are* the given tensors.
+
+    Args:
+        state_dict: canonical (``vision_model.…``) keys; tensors are assigned, not copied, so the
+            reference and our model share storage.
+    """
+    transformers = _import_transformers()
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type")}
+    hf_config = transformers.SiglipVisionConfig(**fields)
+    hf_config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = transformers.SiglipVisionModel(hf_config)
+    prefix = reference_prefix(model)
+    expected = {k for k, _ in model.named_parameters()}
+    mapped = {}
+    for key, tensor in state_dict.items():
+        name = key[len("vision_model.") :]
+        mapped[prefix + name] = tensor
+    missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
+    if missing or unexpected:
+        raise InputError(
+            f"reference does not take these weights: missing {missing[:5]}, unexpected {unexpected[:5]}",
+            "transformers.SiglipVisionModel",
+            "report this: the reference layout changed",
+        )
+    model.load_state_dict(mapped, strict=False, assign=True)
+    device = next(iter(state_dict.values())).device
+    # Non-persistent buffers (position_ids) were created on meta; rebuild them for real.
+    for mod_name, module in model.named_modules():
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                if buf_name != "position_ids":
+                    raise InputError(f"unexpected meta buffer {mod_name}.{buf_name}", "reference", "report this")
+                n = buf.shape[-1]
+                setattr(module, buf_name, torch.arange(n, device=device).expand((1, -1)))
+    return model.eval()

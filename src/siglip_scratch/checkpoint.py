@@ -1,0 +1,374 @@
+"""Reading checkpoints: validated safetensors headers, sharded indexes, key layouts, strict checks.
+
+Nothing here trusts a file: a safetensors header is parsed and checked (length, JSON, dtypes,
+shapes against byte lengths, offsets in range and not overlapping) before any tensor is read, and
+every failure is a `CheckpointError`/`SourceError` that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, SourceError
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "TensorInfo",
+    "check_state_shapes",
+    "index_checkpoint",
+    "load_tensors",
+    "map_vision_keys",
+    "read_safetensors_header",
+]
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+TORCH_TO_SAFETENSORS = {dt: tag for tag, (dt, _) in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file and absolute byte range [start, end)."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype][0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"duplicate key {k!r} in the safetensors header", None, None)
+        out[k] = v
+    return out
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading any tensor data.
+
+    Returns:
+        (tensors by key, the ``__metadata__`` dict).
+    Raises:
+        SourceError: the file is missing or unreadable.
+        CheckpointError: the header is malformed; the message names the file and the key.
+    """
+    file = Path(path)
+    where = str(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"file is {size} bytes, too short for a safetensors header", where, "re-download or re-export it"
+                )
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", where, "the file is corrupt"
+                )
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"header length {n} runs past the end of the {size}-byte file",
+                    where,
+                    "the file is truncated or not safetensors; re-download it",
+                )
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise SourceError("weights file not found", where, "check the path") from None
+    except IsADirectoryError:
+        raise SourceError("expected a .safetensors file, got a folder", where, None) from None
+    except PermissionError:
+        raise SourceError("weights file is not readable", where, "check its permissions") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as exc:
+        raise CheckpointError(exc.what, where, "the file is corrupt") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"header is not valid JSON ({exc})", where, "the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("header is not a JSON object", where, "the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError("__metadata__ must map strings to strings", where, "the file is corrupt")
+    data_start, data_len = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _tensor_info(file, key, entry, data_start, data_len)
+    spans = sorted((t.start, t.end, t.key) for t in tensors.values() if t.end > t.start)
+    for (_, end_a, key_a), (start_b, _, key_b) in itertools.pairwise(spans):
+        if start_b < end_a:
+            raise CheckpointError(f"tensors {key_a!r} and {key_b!r} overlap", where, "the file is corrupt")
+    return tensors, metadata
+
+
+def _tensor_info(file: Path, key: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{file}: {key}"
+    if not isinstance(entry, dict):
+        raise CheckpointError("tensor entry is not a JSON object", where, "the file is corrupt")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}", where, None)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"invalid shape {shape!r}", where, "the file is corrupt")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"invalid data_offsets {offsets!r}", where, "the file is corrupt")
+    if offsets[1] > data_len:
+        raise CheckpointError(
+            f"data_offsets {offsets} run past the {data_len} data bytes",
+            where,
+            "the file is truncated; re-download it",
+        )
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{dtype} shape {shape} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}",
+            where,
+            "the file is corrupt",
+        )
+    return TensorInfo(file, key, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def read_index(index_file: Path) -> dict[str, Path]:
+    """``weight_map`` of a sharded checkpoint index: key -> shard path (shards not opened)."""
+    where = str(index_file)
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError("index file not found", where, None) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"index is not valid JSON ({exc})", where, "re-download it") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError("index has no weight_map of key -> shard file", where, "re-download it")
+    out: dict[str, Path] = {}
+    for key, shard in weight_map.items():
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"shard name {shard!r} is not a plain file name", f"{where}: {key}", None)
+        out[key] = index_file.parent / shard
+    return out
+
+
+def index_checkpoint(path: str | os.PathLike[str], *, vision_only: bool = False) -> dict[str, TensorInfo]:
+    """The tensors of a checkpoint: a ``.safetensors`` file, or a folder with ``model.safetensors`` or
+    a sharded ``model.safetensors.index.json``.
+
+    Args:
+        path: the file or folder.
+        vision_only: for a sharded checkpoint, list only keys that are not dropped by `PREFIX_RULES`
+            and open only their shards (a text-tower or language-model shard is never read and
+            need not be on disk).
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _index_sharded(path, vision_only)
+        return read_safetensors_header(path)[0]
+    if not path.is_dir():
+        raise SourceError("no such file or folder", str(path), "check the path")
+    if (path / WEIGHTS_NAME).is_file():
+        return read_safetensors_header(path / WEIGHTS_NAME)[0]
+    if (path / INDEX_NAME).is_file():
+        return _index_sharded(path / INDEX_NAME, vision_only)
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return read_safetensors_header(singles[0])[0]
+    raise SourceError(
+        f"no {WEIGHTS_NAME} or {INDEX_NAME} found",
+        str(path),
+        "convert the checkpoint with siglip-convert first",
+    )
+
+
+def _index_sharded(index_file: Path, vision_only: bool) -> dict[str, TensorInfo]:
+    weight_map = read_index(index_file)
+    wanted = set(weight_map)
+    if vision_only:
+        _, dropped, _ = map_vision_keys(weight_map)
+        wanted -= set(dropped)
+    shards = sorted({weight_map[k] for k in wanted})
+    out: dict[str, TensorInfo] = {}
+    for shard in shards:
+        tensors, _ = read_safetensors_header(shard)
+        for key, shard_of_key in weight_map.items():
+            if shard_of_key != shard or key not in wanted:
+                continue
+            if key not in tensors:
+                raise CheckpointError(
+                    f"the index puts {key!r} in {shard.name} but that shard does not hold it",
+                    str(index_file),
+                    "re-download the checkpoint",
+                )
+            out[key] = tensors[key]
+    return out
+
+
+def load_tensors(infos: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Read the given tensors (validated headers) from disk, keyed like ``infos``."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
+    for name, info in infos.items():
+        by_file.setdefault(info.file, []).append((name, info))
+    out: dict[str, torch.Tensor] = {}
+    for file, items in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for name, info in items:
+                    out[name] = fh.get_tensor(info.key)
+        except SafetensorError as exc:
+            raise CheckpointError(f"cannot read tensors: {exc}", str(file), "re-download the file") from None
+    return out
+
+
+# -- key layouts ------------------------------------------------------------------------------
+# Source prefix -> canonical prefix, or None to drop the tensor. The longest matching prefix wins;
+# a key that matches nothing is "unexpected". Flat SiglipVisionModel keys (what transformers >= 5.6
+# writes for a model built from scratch) start with one of the tower's four top-level modules.
+PREFIX_RULES: tuple[tuple[str, str | None], ...] = (
+    # hub SiglipVisionModel / full SiglipModel
+    ("vision_model.", "vision_model."),
+    ("text_model.", None),
+    ("logit_scale", None),
+    ("logit_bias", None),
+    # flat SiglipVisionModel (transformers >= 5.6)
+    ("embeddings.", "vision_model.embeddings."),
+    ("encoder.", "vision_model.encoder."),
+    ("post_layernorm.", "vision_model.post_layernorm."),
+    ("head.", "vision_model.head."),
+    # PaliGemma, hub layout
+    ("vision_tower.vision_model.", "vision_model."),
+    ("language_model.", None),
+    ("multi_modal_projector.", None),
+    # PaliGemma, transformers 5.x layouts (tower wrapped, then flat)
+    ("model.vision_tower.vision_model.", "vision_model."),
+    ("model.vision_tower.", "vision_model."),
+    ("model.language_model.", None),
+    ("model.multi_modal_projector.", None),
+    ("lm_head.", None),
+)
+
+
+def map_vision_keys(keys: Iterable[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """Map checkpoint keys to canonical ``vision_model.…`` keys by `PREFIX_RULES`.
+
+    Returns:
+        (canonical key -> source key, dropped source keys, unmatched source keys), lists sorted.
+    """
+    mapping: dict[str, str] = {}
+    dropped: list[str] = []
+    unmatched: list[str] = []
+    rules = sorted(PREFIX_RULES, key=lambda r: -len(r[0]))
+    for key in keys:
+        for prefix, target in rules:
+            if key == prefix or key.startswith(prefix):
+                if target is None:
+                    dropped.append(key)
+                else:
+                    canonical = target + key[len(prefix) :]
+                    if canonical in mapping:
+                        raise CheckpointError(
+                            f"keys {mapping[canonical]!r} and {key!r} both map to {canonical!r}",
+                            key,
+                            "the checkpoint mixes two layouts; keep one",
+                        )
+                    mapping[canonical] = key
+                break
+        else:
+            unmatched.append(key)
+    return mapping, sorted(dropped), sorted(unmatched)
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    source: str,
+) -> None:
+    """Raise `CheckpointError` unless ``found`` has exactly the keys and shapes of ``expected``.
+
+    The error carries the full sorted lists as ``missing``, ``unexpected`` and ``mismatched``.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        (k, tuple(expected[k]), tuple(found[k]))
+        for k in set(expected) & set(found)
+        if tuple(expected[k]) != tuple(found[k])
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    if "vision_model.embeddings.patch_embedding.weight" not in found:
+        err = CheckpointError(
+            "no SigLIP vision tower in this checkpoint",
+            source,
+            "pass a SigLIP/PaliGemma checkpoint that holds the vision tower (keys like "
+            "vision_model.embeddings.patch_embedding.weight)",
+        )
+    else:
+        parts = []
+        if mismatched:
+            k, want, got = mismatched[0]
+            parts.append(f"{len(mismatched)} wrong shape(s), first {k}: checkpoint {list(got)} vs model {list(want)}")
+        if missing:
+            parts.append(f"missing {len(missing)}: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
+        err = CheckpointError(
+            "checkpoint does not fit the config; " + "; ".join(parts),
+            source,
+            "check that config.json belongs to these weights (or pass the right --config/preset)",
+        )
+    err.missing, err.unexpected, err.mismatched = missing, unexpected, mismatched
+    raise err

@@ -1,0 +1,223 @@
+"""`SiglipVisionConfig`: Hugging Face's field names and defaults, frozen, validated.
+
+`from_dict` reads every config shape the hub uses for a SigLIP vision tower:
+
+- a `SiglipVisionConfig` (``model_type: siglip_vision_model``), flat;
+- a full `SiglipConfig` (``model_type: siglip``) whose ``vision_config`` often holds only
+  ``patch_size`` -- the defaults below are load-bearing, they are what the hub relies on;
+- a PaliGemma config (``model_type: paligemma``): its ``vision_config``, no MAP head, and
+  ``image_size`` 224 when absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SourceError
+
+__all__ = ["PRESETS", "SUPPORTED_ACTIVATIONS", "SiglipVisionConfig", "get_preset"]
+
+# hidden_act values we implement, and what transformers maps them to.
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+_INT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+)
+_FLOAT_FIELDS = ("layer_norm_eps", "attention_dropout")
+
+
+@dataclass(frozen=True)
+class SiglipVisionConfig:
+    """The SigLIP vision tower's shape. Field names and defaults are Hugging Face's."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    vision_use_head: bool = True
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(
+                    f"config field {name} must be an integer, got {value!r}", name, "fix the config value"
+                )
+            if value < 1:
+                raise ConfigError(f"config field {name} must be >= 1, got {value}", name, "fix the config value")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"config field {name} must be a number, got {value!r}", name, "fix the config value")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.vision_use_head, bool):
+            raise ConfigError(
+                f"config field vision_use_head must be true or false, got {self.vision_use_head!r}",
+                "vision_use_head",
+                "fix the config value",
+            )
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported hidden_act {self.hidden_act!r}",
+                "hidden_act",
+                f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}",
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+                "hidden_size/num_attention_heads",
+                "pick a head count that divides the hidden size",
+            )
+        if self.image_size < self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is smaller than patch_size {self.patch_size}",
+                "image_size/patch_size",
+                "the image must hold at least one patch",
+            )
+        if not (0.0 <= self.attention_dropout < 1.0):
+            raise ConfigError(
+                f"attention_dropout must be in [0, 1), got {self.attention_dropout}", "attention_dropout", None
+            )
+        if not (self.layer_norm_eps > 0.0 and math.isfinite(self.layer_norm_eps)):
+            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}", "layer_norm_eps", None)
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the position table."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def replace(self, **changes: Any) -> SiglipVisionConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> SiglipVisionConfig:
+        """Read a SiglipVisionConfig, a SiglipConfig or a PaliGemma config dict.
+
+        Keys that do not shape the vision tower are ignored; a vision key of the wrong type
+        raises `ConfigError` naming the key.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}", source, None)
+        model_type = data.get("model_type")
+        if model_type == "siglip2":
+            raise ConfigError(
+                "SigLIP 2 NaFlex (model_type siglip2) has a different patch embedding",
+                source,
+                "use a fixed-resolution SigLIP/SigLIP 2 checkpoint (model_type siglip)",
+            )
+        if model_type == "siglip_text_model":
+            raise ConfigError("this is a SigLIP text-tower config, not a vision config", source, None)
+        if "vision_config" in data:
+            vision = data["vision_config"]
+            if vision is None:
+                vision = {}
+            if not isinstance(vision, dict):
+                raise ConfigError("vision_config must be a JSON object", f"{source}: vision_config", None)
+            if model_type == "paligemma":
+                # PaliGemma's tower never has the MAP head; its projector lives outside it.
+                vision = {"vision_use_head": False, **vision}
+            where = f"{source}: vision_config"
+        else:
+            vision = data
+            where = source
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in vision:
+                continue
+            value = vision[f.name]
+            if f.name in ("image_size", "patch_size") and isinstance(value, (list, tuple)):
+                if len(value) != 2 or value[0] != value[1]:
+                    raise ConfigError(
+                        f"{f.name} {value!r} is not square", f"{where}: {f.name}", "only square sizes are supported"
+                    )
+                value = value[0]
+            values[f.name] = value
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(exc.what, f"{where}: {exc.where}", exc.fix) from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> SiglipVisionConfig:
+        """Read ``config.json`` from a folder, or a config JSON file given directly."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise SourceError("no config.json found", str(file), "pass a model folder or a config JSON file")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}", str(file), "fix or re-download the file") from None
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A complete ``config.json`` for a SiglipVisionModel (transformers 4.57 and 5.x read it)."""
+        out: dict[str, Any] = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model"}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        file = Path(folder) / "config.json"
+        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return file
+
+
+def _base(image_size: int, **kw: Any) -> SiglipVisionConfig:
+    return SiglipVisionConfig(image_size=image_size, **kw)
+
+
+_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+_LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+
+# Keyed by exact hub id; values from the public config.json files.
+PRESETS: dict[str, SiglipVisionConfig] = {
+    "google/siglip-base-patch16-224": _base(224),
+    "google/siglip-base-patch16-256": _base(256),
+    "google/siglip-base-patch16-384": _base(384),
+    "google/siglip-base-patch16-512": _base(512),
+    "google/siglip-base-patch16-256-multilingual": _base(256),
+    "google/siglip-large-patch16-256": _base(256, **_LARGE),
+    "google/siglip-large-patch16-384": _base(384, **_LARGE),
+    "google/siglip-so400m-patch14-224": _base(224, patch_size=14, **_SO400M),
+    "google/siglip-so400m-patch14-384": _base(384, patch_size=14, **_SO400M),
+    "google/siglip-so400m-patch16-256-i18n": _base(256, patch_size=16, **_SO400M),
+    "google/paligemma-3b-pt-224": _base(224, patch_size=14, vision_use_head=False, **_SO400M),
+    "google/paligemma-3b-pt-448": _base(448, patch_size=14, vision_use_head=False, **_SO400M),
+    "google/paligemma-3b-pt-896": _base(896, patch_size=14, vision_use_head=False, **_SO400M),
+}
+
+
+def get_preset(hub_id: str) -> SiglipVisionConfig:
+    """The config of a known hub checkpoint, by exact id."""
+    try:
+        return PRESETS[hub_id]
+    except KeyError:
+        raise ConfigError(f"unknown preset {hub_id!r}", "preset", f"use one of: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,262 @@
+"""`SiglipVisionModel`: the encoder with loading, saving and synthetic weights.
+
+Loading never initialises weights that are about to be overwritten: the module tree is built on
+the meta device, the checkpoint's tensors are checked (every key, every shape) and then assigned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import check_state_shapes, index_checkpoint, load_tensors, map_vision_keys
+from .config import SiglipVisionConfig
+from .errors import InputError, SourceError
+from .model import (
+    ATTN_IMPLEMENTATIONS,
+    AttnImplementation,
+    SiglipAttention,
+    SiglipVisionModelOutput,
+    SiglipVisionTransformer,
+    _PoolingAttention,
+)
+
+__all__ = ["SiglipVisionModel", "expected_shapes", "synthetic_state_dict"]
+
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
+def _check_attn(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise InputError(
+            f"unknown attn_implementation {name!r}", "attn_implementation", f"use one of {ATTN_IMPLEMENTATIONS}"
+        )
+
+
+class SiglipVisionModel(nn.Module):
+    """SigLIP vision tower with the hub's module layout (``vision_model.…``).
+
+    ``forward(pixel_values)`` returns `SiglipVisionModelOutput` with ``last_hidden_state`` [B, N, D],
+    ``pooler_output`` [B, D] (None without the MAP head) and, on request, ``hidden_states``:
+    the embeddings and each layer's output, before ``post_layernorm``.
+    """
+
+    def __init__(self, config: SiglipVisionConfig, attn_implementation: AttnImplementation = "sdpa"):
+        super().__init__()
+        _check_attn(attn_implementation)
+        self.config = config
+        self.vision_model = SiglipVisionTransformer(config, attn_implementation)
+        if not _on_meta(self):
+            _init_unset_parameters(self)
+
+    @property
+    def attn_implementation(self) -> str:
+        return next(m.attn_implementation for m in self.modules() if isinstance(m, SiglipAttention))
+
+    def set_attn_implementation(self, name: AttnImplementation) -> SiglipVisionModel:
+        _check_attn(name)
+        for m in self.modules():
+            if isinstance(m, SiglipAttention):
+                m.attn_implementation = name
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+    ) -> SiglipVisionModelOutput:
+        return self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+        )
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def _empty(cls, config: SiglipVisionConfig, attn_implementation: AttnImplementation) -> SiglipVisionModel:
+        with torch.device("meta"):
+            return cls(config, attn_implementation)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: SiglipVisionConfig,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        attn_implementation: AttnImplementation = "sdpa",
+        source: str = "state_dict",
+    ) -> SiglipVisionModel:
+        """Build the model around the given tensors (shared, not copied). Keys may be in any layout
+        `map_vision_keys` knows; every key and shape is checked first."""
+        mapping, _dropped, unmatched = map_vision_keys(state_dict)
+        found = {k: tuple(state_dict[src].shape) for k, src in mapping.items()}
+        found.update({k: tuple(state_dict[k].shape) for k in unmatched})
+        check_state_shapes(expected_shapes(config), found, source)
+        model = cls._empty(config, attn_implementation)
+        model.load_state_dict({k: state_dict[src] for k, src in mapping.items()}, strict=True, assign=True)
+        return model.eval()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: SiglipVisionConfig,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: AttnImplementation = "sdpa",
+    ) -> SiglipVisionModel:
+        """Deterministic synthetic weights where every parameter matters (see `synthetic_state_dict`)."""
+        state = synthetic_state_dict(config, seed=seed, dtype=dtype, device=device)
+        return cls.from_state_dict(config, state, attn_implementation=attn_implementation, source=f"seed {seed}")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        attn_implementation: AttnImplementation = "sdpa",
+        config: SiglipVisionConfig | None = None,
+        revision: str | None = None,
+    ) -> SiglipVisionModel:
+        """Load a checkpoint strictly.
+
+        Args:
+            path: a folder with ``config.json`` and ``model.safetensors`` (or a sharded index), a
+                ``.safetensors`` file with ``config.json`` beside it, or a hub repo id (resolved
+                through huggingface_hub and its cache; ``HF_HUB_OFFLINE=1`` is honoured).
+                Full SiglipModel and PaliGemma checkpoints work: other towers are ignored.
+            dtype: cast floating tensors to this dtype (default: keep the file's).
+            config: use this config instead of the checkpoint's ``config.json``.
+        Raises:
+            CheckpointError: keys missing or unexpected, or shapes wrong (sorted lists attached).
+        """
+        folder, weights = _resolve(path, revision)
+        if config is None:
+            config = SiglipVisionConfig.from_pretrained(folder)
+        infos = index_checkpoint(weights, vision_only=True)
+        mapping, _dropped, unmatched = map_vision_keys(infos)
+        found = {k: infos[src].shape for k, src in mapping.items()}
+        found.update({k: infos[k].shape for k in unmatched})
+        check_state_shapes(expected_shapes(config), found, str(weights))
+        tensors = load_tensors({k: infos[src] for k, src in mapping.items()})
+        if dtype is not None:
+            tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
+        model = cls.from_state_dict(config, tensors, attn_implementation=attn_implementation, source=str(weights))
+        return model.to(device)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (``vision_model.`` keys, metadata
+        ``{"format": "pt"}``). Files are written to temporaries and renamed into place."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        for name, write in (
+            ("model.safetensors", lambda p: save_file(state, str(p), metadata=SAFETENSORS_METADATA)),
+            ("config.json", lambda p: Path(p).write_text(config_text, encoding="utf-8")),
+        ):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, folder / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return folder
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def _init_unset_parameters(model: SiglipVisionModel) -> None:
+    # nn.Linear/LayerNorm/Conv2d/Embedding initialise themselves; the two raw Parameters do not.
+    for m in model.modules():
+        if isinstance(m, _PoolingAttention):
+            nn.init.xavier_uniform_(m.in_proj_weight)
+            nn.init.zeros_(m.in_proj_bias)
+        elif hasattr(m, "probe"):
+            nn.init.normal_(m.probe)
+
+
+def expected_shapes(config: SiglipVisionConfig) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the model for ``config`` and its shape (computed on meta)."""
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def synthetic_state_dict(
+    config: SiglipVisionConfig,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Deterministic weights at the real shapes, for tests and offline parity.
+
+    Drawn with numpy's PCG64 (a stream stable across numpy and torch versions) in module order, in
+    float32, then cast. Every parameter matters: biases are non-zero and LayerNorm scales are
+    ``1 + 0.1·N(0,1)``; matrices are ``N(0, 1/fan_in)`` so activations stay O(1) through 27 layers.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+
+    def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
+        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        return torch.from_numpy(x + np.float32(mean) if mean else x)
+
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for p_name, p in module.named_parameters(recurse=False):
+            shape = tuple(p.shape)
+            if isinstance(module, nn.LayerNorm):
+                t = normal(shape, 0.1, 1.0) if p_name == "weight" else normal(shape, 0.05)
+            elif p_name.endswith("bias"):
+                t = normal(shape, 0.02)
+            elif isinstance(module, nn.Embedding):
+                t = normal(shape, shape[1] ** -0.5)
+            elif p_name == "probe":
+                t = normal(shape, 1.0)
+            else:  # Linear, Conv2d, the head's packed in_proj_weight: fan_in is everything but dim 0
+                t = normal(shape, int(np.prod(shape[1:])) ** -0.5)
+            out[prefix + p_name] = t.to(device=device, dtype=dtype)
+    return out
+
+
+def _resolve(path: str | os.PathLike[str], revision: str | None) -> tuple[Path, Path]:
+    """(folder holding config.json, weights file or folder) for a local path or hub id."""
+    p = Path(path)
+    if p.is_dir():
+        return p, p
+    if p.is_file():
+        if p.suffix != ".safetensors" and not p.name.endswith(".index.json"):
+            raise SourceError(
+                "expected a .safetensors file or a model folder",
+                str(p),
+                "convert other formats with siglip-convert first",
+            )
+        return p.parent, p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/")) and not os.path.exists(text):
+        from .hub import download_vision_checkpoint
+
+        folder = download_vision_checkpoint(text, revision=revision)
+        return folder, folder
+    raise SourceError("no such file or folder", text, "pass a model folder, a .safetensors file or a hub repo id")

@@ -1,0 +1,205 @@
+"""`SiglipImageProcessor`: PIL images in, float32 ``[B, 3, H, W]`` out. No torchvision.
+
+The steps and their arithmetic follow transformers' PIL image processor (``SiglipImageProcessorPil``
+in 5.x, ``SiglipImageProcessor`` in 4.57): any mode to RGB with transparency composited onto white,
+PIL resize on uint8, rescale in float64 then float32, normalize in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import SiglipVisionConfig
+from .errors import ConfigError, InputError, SourceError
+
+__all__ = ["SiglipImageProcessor", "load_image", "to_rgb"]
+
+ImageLike = Image.Image | str | os.PathLike | np.ndarray
+
+BICUBIC, BILINEAR = int(Image.Resampling.BICUBIC), int(Image.Resampling.BILINEAR)
+_RESAMPLE_NAMES = {int(r): r.name.lower() for r in Image.Resampling}
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image file; corrupt, truncated and oversized files raise `InputError`."""
+    where = str(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise SourceError("image not found", where, "check the path") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(
+            f"image has too many pixels to decode safely ({str(exc).split('. ')[0]})",
+            where,
+            "downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file",
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError("not a readable image", where, "pass a PNG, JPEG or other format Pillow reads") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"image is corrupt or truncated ({exc})", where, "re-export or re-download it") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency (alpha band or palette transparency) goes onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class SiglipImageProcessor:
+    """Preprocessing for SigLIP: resize to ``size``, rescale to [0, 1], normalize with mean/std.
+
+    ``size`` is (height, width). ``resample`` is a PIL resampling code: 3 (bicubic) for SigLIP,
+    2 (bilinear) for SigLIP 2 fixed-resolution checkpoints.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    resample: int = BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_convert_rgb: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or not all(isinstance(s, int) and s > 0 for s in self.size):
+            raise ConfigError(f"size must be two positive integers, got {self.size!r}", "size", None)
+        if self.resample not in _RESAMPLE_NAMES:
+            raise ConfigError(f"unknown resample code {self.resample!r}", "resample", "use 2 (bilinear) or 3 (bicubic)")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                raise ConfigError(f"{name} must be three numbers, got {value!r}", name, None)
+        if any(s == 0 for s in self.image_std):
+            raise ConfigError("image_std must not contain 0", "image_std", None)
+
+    @classmethod
+    def for_config(cls, config: SiglipVisionConfig, **overrides: Any) -> SiglipImageProcessor:
+        """The SigLIP defaults at the model's resolution."""
+        return cls(size=(config.image_size, config.image_size), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessor_config") -> SiglipImageProcessor:
+        """Read a ``preprocessor_config.json`` dict; keys that are not preprocessing steps are ignored."""
+        if not isinstance(data, dict):
+            raise ConfigError("preprocessor config must be a JSON object", source, None)
+        values: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            if key not in names:
+                continue
+            if key == "size":
+                value = _parse_size(value, source)
+            elif key in ("image_mean", "image_std"):
+                value = tuple(value) if isinstance(value, list) else (value,) * 3
+            elif key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb") and not isinstance(value, bool):
+                if value is None and key == "do_convert_rgb":
+                    continue
+                raise ConfigError(f"{key} must be true or false, got {value!r}", f"{source}: {key}", None)
+            values[key] = value
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(exc.what, f"{source}: {exc.where}", exc.fix) from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> SiglipImageProcessor:
+        path = Path(path)
+        file = path / "preprocessor_config.json" if path.is_dir() else path
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SourceError("no preprocessor_config.json", str(file), "pass the model folder") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"not valid JSON ({exc})", str(file), "fix or re-download it") from None
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "do_convert_rgb": self.do_convert_rgb,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "SiglipImageProcessor",
+            "image_std": list(self.image_std),
+            "processor_class": "SiglipProcessor",
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "size": {"height": self.size[0], "width": self.size[1]},
+        }
+
+    def preprocess_one(self, image: ImageLike) -> np.ndarray:
+        """One image to a float32 ``[3, H, W]`` array."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+                raise InputError(
+                    f"numpy images must be uint8 [H, W, C] with C in 1, 3, 4; got {image.dtype} {image.shape}",
+                    "images",
+                    "pass PIL images",
+                )
+            image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        if not isinstance(image, Image.Image):
+            raise InputError(f"cannot preprocess {type(image).__name__}", "images", "pass PIL images or file paths")
+        if image.width == 0 or image.height == 0:
+            raise InputError(f"image has zero size {image.size}", "images", None)
+        if self.do_convert_rgb:
+            image = to_rgb(image)
+        if self.do_resize:
+            h, w = self.size
+            image = image.resize((w, h), resample=self.resample)
+        arr = np.array(image)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        arr = np.moveaxis(arr, -1, 0)  # [H, W, C] -> [C, H, W]
+        if self.do_rescale:
+            arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            arr = arr.astype(np.float32) if not np.issubdtype(arr.dtype, np.floating) else arr
+            mean = np.array(self.image_mean, dtype=arr.dtype)[:, None, None]
+            std = np.array(self.image_std, dtype=arr.dtype)[:, None, None]
+            arr = (arr - mean) / std
+        return arr.astype(np.float32, copy=False)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Images (PIL, paths, or uint8 HWC arrays) to float32 ``pixel_values`` [B, 3, H, W]."""
+        if isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise InputError("no images given", "images", "pass at least one image")
+        arrays = [self.preprocess_one(im) for im in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise InputError(f"images differ in size after preprocessing: {sorted(shapes)}", "images", "set do_resize")
+        return torch.from_numpy(np.stack(arrays))
+
+
+def _parse_size(value: Any, source: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        return (value["height"], value["width"])
+    if isinstance(value, dict) and "shortest_edge" in value:
+        raise ConfigError(
+            "size with shortest_edge is not a SigLIP preprocessing", f"{source}: size", "use height and width"
+        )
+    raise ConfigError(f"size must be {{height, width}}, got {value!r}", f"{source}: size", None)

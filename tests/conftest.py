@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny configs, a transformers reference sharing our weights, exact comparisons."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from siglip_scratch import SiglipVisionConfig, SiglipVisionModel
+
+TINY = SiglipVisionConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+# head_dim 18 and an odd grid: catches reshapes that only work for "nice" sizes.
+TINY_ODD = SiglipVisionConfig(
+    hidden_size=72, intermediate_size=100, num_hidden_layers=3, num_attention_heads=4, image_size=42, patch_size=14
+)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_exact(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if not torch.equal(a, b):
+        raise AssertionError(f"{what}: not bit-identical, max |Δ| = {max_abs(a, b):.3e}")
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str) -> float:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    d = max_abs(a, b)
+    assert d <= atol, f"{what}: max |Δ| = {d:.3e} > tolerance {atol:.1e}"
+    return d
+
+
+def pixels(config: SiglipVisionConfig, batch: int, seed: int = 0, size: int | None = None) -> torch.Tensor:
+    s = size or config.image_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, config.num_channels, s, s, generator=g) * 2 - 1
+
+
+@pytest.fixture
+def tiny_model() -> SiglipVisionModel:
+    return SiglipVisionModel.from_config(TINY, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A test that asks for the `transformers` fixture needs the reference installed.
+    for item in items:
+        if "hf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.transformers)
+
+
+@pytest.fixture
+def hf():
+    """transformers, the reference. Under `make test` (SIGLIP_REQUIRE_TRANSFORMERS=1) its absence
+    fails the test instead of skipping it, so a broken install cannot pass silently."""
+    if os.environ.get("SIGLIP_REQUIRE_TRANSFORMERS") == "1":
+        import transformers
+
+        return transformers
+    return pytest.importorskip("transformers")
