@@ -46,10 +46,9 @@ format: install
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+## parity: the parity suite (base-224 and so400m-384; real weights if in the HF cache, else synthetic)
 parity: install
-	@echo "make parity: the parity harness (issue 3) is not built yet; it will compare"
-	@echo "base-patch16-224 and so400m-patch14-384 with transformers site by site."
-	@exit 1
+	HF_HUB_OFFLINE=1 $(PY) -m siglip_scratch.parity.suite
 
 bench: install
 	@echo "make bench: the benchmark (issue 5) is not built yet; it will time ours vs"

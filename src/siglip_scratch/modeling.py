@@ -28,7 +28,7 @@ from .model import (
     _PoolingAttention,
 )
 
-__all__ = ["SiglipVisionModel", "expected_shapes", "synthetic_state_dict"]
+__all__ = ["SiglipVisionModel", "expected_shapes", "load_vision_state_dict", "synthetic_state_dict"]
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -141,18 +141,10 @@ class SiglipVisionModel(nn.Module):
         Raises:
             CheckpointError: keys missing or unexpected, or shapes wrong (sorted lists attached).
         """
-        folder, weights = _resolve(path, revision)
-        if config is None:
-            config = SiglipVisionConfig.from_pretrained(folder)
-        infos = index_checkpoint(weights, vision_only=True)
-        mapping, _dropped, unmatched = map_vision_keys(infos)
-        found = {k: infos[src].shape for k, src in mapping.items()}
-        found.update({k: infos[k].shape for k in unmatched})
-        check_state_shapes(expected_shapes(config), found, str(weights))
-        tensors = load_tensors({k: infos[src] for k, src in mapping.items()})
+        config, tensors, source = load_vision_state_dict(path, config=config, revision=revision)
         if dtype is not None:
             tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
-        model = cls.from_state_dict(config, tensors, attn_implementation=attn_implementation, source=str(weights))
+        model = cls.from_state_dict(config, tensors, attn_implementation=attn_implementation, source=source)
         return model.to(device)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
@@ -177,6 +169,29 @@ class SiglipVisionModel(nn.Module):
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         return folder
+
+
+def load_vision_state_dict(
+    path: str | os.PathLike[str],
+    *,
+    config: SiglipVisionConfig | None = None,
+    revision: str | None = None,
+) -> tuple[SiglipVisionConfig, dict[str, torch.Tensor], str]:
+    """Read a checkpoint's vision tower strictly, without building a model.
+
+    Returns:
+        (config, tensors under canonical ``vision_model.`` keys, the weights path as a string).
+        Only vision tensors are read; every key and shape is checked against the config first.
+    """
+    folder, weights = _resolve(path, revision)
+    if config is None:
+        config = SiglipVisionConfig.from_pretrained(folder)
+    infos = index_checkpoint(weights, vision_only=True)
+    mapping, _dropped, unmatched = map_vision_keys(infos)
+    found = {k: infos[src].shape for k, src in mapping.items()}
+    found.update({k: infos[k].shape for k in unmatched})
+    check_state_shapes(expected_shapes(config), found, str(weights))
+    return config, load_tensors({k: infos[src] for k, src in mapping.items()}), str(weights)
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -1,0 +1,125 @@
+"""``siglip-parity``: compare an encoder with transformers site by site and gate CI.
+
+Exit codes: 0 every site passes, 1 a parity failure (or the golden reference moved), 2 a usage or
+input error (one line on stderr, no traceback unless --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from siglip_scratch.errors import OutputError, SiglipScratchError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="siglip-parity",
+        description="Compare a SigLIP vision encoder with transformers.SiglipVisionModel, site by site.",
+        epilog="Exit codes: 0 pass, 1 parity failure, 2 usage or input error.",
+    )
+    src = p.add_argument_group("weights (exactly one)")
+    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
+    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
+    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
+    src.add_argument("--revision", help="hub revision for --model")
+    src.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and random pixels (default 0)")
+
+    cand = p.add_argument_group("candidate")
+    cand.add_argument(
+        "--candidate", metavar="MODULE:FACTORY", help="module.path:factory or file.py:factory (default: ours)"
+    )
+    cand.add_argument("--rename", metavar="MAP.json", help='{"rename": [["regex", "replacement"], ...]}')
+
+    run = p.add_argument_group("run")
+    run.add_argument("--mode", choices=["propagated", "isolated"], default="propagated")
+    run.add_argument("--depth", choices=["coarse", "fine"], default="coarse")
+    run.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    run.add_argument("--images", nargs="+", metavar="FILE", help="images through our image processor")
+    run.add_argument("--batch", type=int, default=2, help="random images when --images is not given (default 2)")
+    run.add_argument("--atol", type=float, help="absolute tolerance (default per dtype)")
+    run.add_argument("--rtol", type=float, help="tolerance relative to the site's max |x| (default per dtype)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    out.add_argument("--markdown", metavar="FILE", help="write the report as Markdown (CI job summaries)")
+    out.add_argument("--plot", metavar="FILE.png", help="per-site error plot (needs matplotlib)")
+    out.add_argument("--quiet", action="store_true", help="print only the verdict")
+
+    gold = p.add_argument_group("golden fingerprints (has the reference itself moved?)")
+    gold.add_argument("--check-golden", action="store_true", help="compare the reference with parity/golden/")
+    gold.add_argument("--update-golden", action="store_true", help="rewrite parity/golden/ from this reference")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except SiglipScratchError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.check_golden or args.update_golden:
+        from .golden import run_golden
+
+        presets = [args.preset] if args.preset else None
+        return EXIT_OK if run_golden(presets, update=args.update_golden) else EXIT_FAIL
+
+    from .candidate import load_rename_map
+    from .compare import compare
+
+    rules = load_rename_map(args.rename) if args.rename else None
+    for name in ("json", "markdown", "plot"):
+        target = getattr(args, name)
+        if target and not Path(target).resolve().parent.is_dir():
+            raise OutputError("output folder does not exist", target, "create it first")
+    report = compare(
+        weights=args.weights,
+        model=args.model,
+        preset=args.preset,
+        seed=args.seed,
+        candidate=args.candidate,
+        rename=rules,
+        mode=args.mode,
+        depth=args.depth,
+        dtype=args.dtype,
+        device=args.device,
+        attn=args.attn,
+        images=args.images,
+        batch=args.batch,
+        atol=args.atol,
+        rtol=args.rtol,
+        revision=args.revision,
+    )
+    print(report.verdict if args.quiet else report.table())
+    for target, text in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
+        if target:
+            _write(target, text())
+    if args.plot:
+        report.plot(args.plot)
+    return EXIT_OK if report.passed else EXIT_FAIL
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write ({exc.strerror})", path, "check the path and permissions") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
