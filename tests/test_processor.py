@@ -31,13 +31,20 @@ SIZES = [(224, 224), (17, 31), (300, 200), (640, 96)]
 
 
 def _reference_processor(hf, **kwargs):
+    # 5.x: SiglipImageProcessorPil (do_convert_rgb defaults to True). 4.57: SiglipImageProcessor, whose
+    # do_convert_rgb defaults to None and then fails on grayscale input; we convert, so ask it to.
     cls = getattr(hf, "SiglipImageProcessorPil", None) or hf.SiglipImageProcessor
-    return cls(**kwargs)
+    return cls(do_convert_rgb=True, **kwargs)
+
+
+TRANSPARENT = {"LA", "RGBA", "P-transparent"}
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_transformers_pil_processor(mode, hf):
-    ours = SiglipImageProcessor()
+    # transformers 5 composites transparency onto white, 4.57 drops alpha: one option each.
+    v457 = hf.__version__.startswith("4.")
+    ours = SiglipImageProcessor(transparency="drop" if v457 else "white")
     theirs = _reference_processor(hf)
     images = [_image(mode, size, i) for i, size in enumerate(SIZES)]
     a = ours(images)
@@ -68,6 +75,16 @@ def test_resample_and_size_from_preprocessor_config(tmp_path, resample, hf):
     images = [_image("RGB", (500, 333), 1)]
     d = (ours(images).double() - torch.as_tensor(theirs(images=images, return_tensors="np")["pixel_values"])).abs()
     assert d.max().item() <= 1e-6, f"max |Δ| = {d.max().item():.3e}"
+
+
+def test_transparency_modes_differ_only_on_transparent_pixels():
+    img = _image("RGBA", (50, 40), 3)
+    white, drop = SiglipImageProcessor(transparency="white"), SiglipImageProcessor(transparency="drop")
+    assert not torch.equal(white(img), drop(img))
+    opaque = img.convert("RGB")
+    assert torch.equal(white(opaque), drop(opaque))
+    with pytest.raises(ConfigError, match="transparency"):
+        SiglipImageProcessor(transparency="black")
 
 
 def test_for_config_and_to_dict_round_trip():

@@ -50,9 +50,10 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise InputError(f"image is corrupt or truncated ({exc})", where, "re-export or re-download it") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency (alpha band or palette transparency) goes onto white."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+def to_rgb(image: Image.Image, transparency: str = "white") -> Image.Image:
+    """Any PIL mode to RGB. Transparency (an alpha band or palette transparency) is composited onto
+    white (``"white"``, transformers >= 5) or dropped (``"drop"``, transformers 4.57's convert)."""
+    if transparency == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -64,7 +65,9 @@ class SiglipImageProcessor:
     """Preprocessing for SigLIP: resize to ``size``, rescale to [0, 1], normalize with mean/std.
 
     ``size`` is (height, width). ``resample`` is a PIL resampling code: 3 (bicubic) for SigLIP,
-    2 (bilinear) for SigLIP 2 fixed-resolution checkpoints.
+    2 (bilinear) for SigLIP 2 fixed-resolution checkpoints. ``transparency`` says what happens to
+    transparent pixels: ``"white"`` composites onto white (transformers 5.x), ``"drop"`` discards
+    alpha and keeps the colour underneath (transformers 4.57). Opaque images are unaffected.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -76,8 +79,13 @@ class SiglipImageProcessor:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     do_convert_rgb: bool = True
+    transparency: str = "white"
 
     def __post_init__(self) -> None:
+        if self.transparency not in ("white", "drop"):
+            raise ConfigError(
+                f"unknown transparency {self.transparency!r}", "transparency", 'use "white" or "drop"'
+            )
         if len(self.size) != 2 or not all(isinstance(s, int) and s > 0 for s in self.size):
             raise ConfigError(f"size must be two positive integers, got {self.size!r}", "size", None)
         if self.resample not in _RESAMPLE_NAMES:
@@ -162,7 +170,7 @@ class SiglipImageProcessor:
         if image.width == 0 or image.height == 0:
             raise InputError(f"image has zero size {image.size}", "images", None)
         if self.do_convert_rgb:
-            image = to_rgb(image)
+            image = to_rgb(image, self.transparency)
         if self.do_resize:
             h, w = self.size
             image = image.resize((w, h), resample=self.resample)
