@@ -83,9 +83,7 @@ class SiglipImageProcessor:
 
     def __post_init__(self) -> None:
         if self.transparency not in ("white", "drop"):
-            raise ConfigError(
-                f"unknown transparency {self.transparency!r}", "transparency", 'use "white" or "drop"'
-            )
+            raise ConfigError(f"unknown transparency {self.transparency!r}", "transparency", 'use "white" or "drop"')
         if len(self.size) != 2 or not all(isinstance(s, int) and s > 0 for s in self.size):
             raise ConfigError(f"size must be two positive integers, got {self.size!r}", "size", None)
         if self.resample not in _RESAMPLE_NAMES:
