@@ -2,3 +2,8 @@
 
 Installed as ``siglip_scratch.convert`` (see ARCHITECTURE.md).
 """
+
+from .converter import ConvertResult, convert
+from .sources import Plan, plan_conversion
+
+__all__ = ["ConvertResult", "Plan", "convert", "plan_conversion"]

@@ -1,0 +1,96 @@
+"""``siglip-convert SOURCE OUTPUT_DIR``: any SigLIP checkpoint to a vision-only safetensors folder.
+
+Exit codes: 0 success, 1 ``--verify`` found a parity failure, 2 usage or input error (one line on
+stderr, no traceback unless --debug). SIGINT and SIGTERM leave nothing at OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from siglip_scratch.errors import SiglipScratchError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="siglip-convert",
+        description="Convert a SigLIP / PaliGemma / big_vision / timm checkpoint into a vision-only "
+        "safetensors folder that siglip_scratch and transformers.SiglipVisionModel both load.",
+        epilog="Exit codes: 0 success, 1 --verify found a parity failure, 2 usage or input error.",
+    )
+    p.add_argument("source", help="hub repo id, local HF folder, or a .safetensors/.bin/.pt/.npz file")
+    p.add_argument("output_dir", help="folder to create (refused if it exists and is not empty, unless --force)")
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
+    p.add_argument("--no-head", action="store_true", help="drop the MAP head (vision_use_head: false)")
+    p.add_argument("--config", metavar="FILE", help="config.json to use instead of the source's or the inferred one")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="shard past this size, e.g. 2GB")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.add_argument("--verify", action="store_true", help="run the parity harness on the output (small batch)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or detection lines")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    except SiglipScratchError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"error: {what}; nothing was written to {args.output_dir}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .converter import convert
+
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    result = convert(
+        args.source,
+        args.output_dir,
+        revision=args.revision,
+        dtype=args.dtype,
+        no_head=args.no_head,
+        config=args.config,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=log,
+    )
+    if not args.verify:
+        return EXIT_OK
+    from .verify import verify_output
+
+    passed, text = verify_output(result.output, dtype=args.dtype or "float32")
+    print(text)
+    return EXIT_OK if passed else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Detecting a source and planning the conversion: which output tensor comes from which input bytes.
+
+`plan_conversion` returns a `Plan` that is fully checked before anything is written: every source
+key is used (or explicitly dropped as another tower), every target key is produced, every shape
+matches the config. Tensor data is only read later, one tensor at a time, by the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siglip_scratch.checkpoint import INDEX_NAME, PREFIX_RULES, WEIGHTS_NAME, TensorInfo, check_state_shapes
+from siglip_scratch.config import SiglipVisionConfig
+from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
+from siglip_scratch.modeling import expected_shapes
+from siglip_scratch.processor import BICUBIC, BILINEAR, SiglipImageProcessor
+
+from .stores import NpzStore, SafetensorsStore, Store, TorchPickleStore
+from .tables import BIG_VISION_TABLE, TIMM_TABLE, Row
+
+__all__ = ["InputFile", "Plan", "Planned", "plan_conversion"]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+BIN_NAME, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Hidden size -> heads for known SigLIP towers; timm state dicts do not record the head count.
+KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
+
+
+@dataclass
+class Planned:
+    """One output tensor: its key, shape and source dtype; a raw byte range when it can be copied."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+    raw: TensorInfo | None
+    where: str
+
+
+@dataclass
+class InputFile:
+    path: Path
+    sha256: str | None = None  # known already (hub blob name), else computed while converting
+
+
+@dataclass
+class Plan:
+    kind: str
+    detected: str
+    layout: str
+    config: SiglipVisionConfig
+    tensors: list[Planned]
+    inputs: list[InputFile]
+    preprocessor: dict[str, Any]
+    preprocessor_from: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    dropped: int = 0
+
+
+def plan_conversion(
+    source: str,
+    *,
+    revision: str | None = None,
+    config_file: str | None = None,
+    no_head: bool = False,
+) -> Plan:
+    """Detect ``source`` (hub id, HF folder, .safetensors/.bin/.pt/.npz file) and plan the output."""
+    path = Path(source)
+    override = SiglipVisionConfig.from_pretrained(config_file) if config_file else None
+    provenance: dict[str, Any] = {"source": source}
+    inputs: list[InputFile] = []
+    if path.is_dir():
+        kind, detected = "hf-folder", f"local folder in HF layout: {path}"
+        folder, weights = path, _folder_weights(path)
+    elif path.is_file():
+        folder, weights = path.parent, path
+        kind, detected = _file_kind(path)
+    elif path.suffix in (".safetensors", ".npz", *PICKLE_SUFFIXES) or source.startswith((".", "/", "~")):
+        raise SourceError("no such file or folder", source, "check the path")
+    elif HUB_ID.match(source):
+        from siglip_scratch.hub import download_vision_checkpoint
+
+        folder = download_vision_checkpoint(source, revision=revision, allow_pickle=True)
+        weights = _folder_weights(folder)
+        commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+        provenance.update({"repo_id": source, "revision": revision or "main", "commit": commit})
+        kind = "hub"
+        detected = f"hub repo {source} (revision {revision or 'main'}, commit {commit or 'unknown'})"
+    else:
+        raise SourceError(
+            "not a file, a folder or a hub repo id",
+            source,
+            "pass a path that exists, or a hub id like google/siglip-base-patch16-224",
+        )
+
+    store = _open_store(weights)
+    inputs += [InputFile(f, _hub_blob_sha256(f)) for f in store.files]
+    keys = store.keys()
+    if isinstance(store, NpzStore):
+        layout, rows, root, drops, notes = _npz_layout(keys, str(weights))
+        planned, used = _apply_table(rows, store, root, keys, use_head=not no_head)
+        inferred = _infer_config(store, root, "npz")
+    elif _looks_timm(keys):
+        layout, root, drops, notes = _timm_layout(keys)
+        planned, used = _apply_table(TIMM_TABLE, store, root, keys, use_head=not no_head)
+        inferred = _infer_config(store, root, "timm")
+    else:
+        layout, planned, used, drops, notes = _hf_layout(store)
+        inferred = None
+
+    leftovers = sorted(set(keys) - used - set(drops))
+    if leftovers:
+        raise CheckpointError(
+            f"{len(leftovers)} tensor(s) match no known layout: {', '.join(leftovers[:8])}"
+            + (" …" if len(leftovers) > 8 else ""),
+            str(weights),
+            "this does not look like a SigLIP checkpoint; pass one, or file an issue with its key names",
+        )
+    if not planned:
+        raise CheckpointError(
+            "no SigLIP vision tower in this checkpoint", str(weights), "pass a checkpoint that holds the vision tower"
+        )
+
+    config = override or _folder_config(folder, kind, inferred, inputs)
+    if no_head:
+        config = config.replace(vision_use_head=False)
+        planned = [p for p in planned if not p.key.startswith("vision_model.head.")]
+    check_state_shapes(expected_shapes(config), {p.key: p.shape for p in planned}, str(weights))
+    order = list(expected_shapes(config))
+    planned.sort(key=lambda p: order.index(p.key))
+
+    preprocessor, pre_from = _preprocessor(folder, kind, config, source, inputs)
+    if inferred is not None and override is None:
+        notes.append("config inferred from tensor shapes (pass --config to set it)")
+    return Plan(
+        kind=kind,
+        detected=detected,
+        layout=layout,
+        config=config,
+        tensors=planned,
+        inputs=inputs,
+        preprocessor=preprocessor,
+        preprocessor_from=pre_from,
+        provenance=provenance,
+        notes=notes,
+        dropped=len(drops),
+    )
+
+
+# -- detection -----------------------------------------------------------------------------------
+def _file_kind(path: Path) -> tuple[str, str]:
+    name = path.name
+    if name.endswith(".safetensors") or name == INDEX_NAME:
+        return "safetensors", f"safetensors file: {path}"
+    if name.endswith(PICKLE_SUFFIXES) or name == BIN_INDEX:
+        return "torch", f"PyTorch pickle (read with weights_only=True): {path}"
+    if name.endswith(".npz"):
+        return "npz", f"big_vision .npz: {path}"
+    raise SourceError(
+        f"unknown weights format {path.suffix or name!r}", str(path), "pass .safetensors, .bin, .pt or .npz"
+    )
+
+
+def _folder_weights(folder: Path) -> Path:
+    for name in (INDEX_NAME, WEIGHTS_NAME, BIN_INDEX, BIN_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    singles = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.npz"))
+    if len(singles) == 1:
+        return singles[0]
+    raise SourceError(
+        "no weights found (model.safetensors, its index, or pytorch_model.bin)",
+        str(folder),
+        "pass the weights file itself",
+    )
+
+
+def _open_store(weights: Path) -> Store:
+    name = weights.name
+    if name.endswith(".npz"):
+        return NpzStore(weights)
+    if name.endswith(PICKLE_SUFFIXES) or name == BIN_INDEX:
+        return TorchPickleStore(weights)
+    return SafetensorsStore(weights)
+
+
+def _hub_blob_sha256(path: Path) -> str | None:
+    """A hub-cache snapshot file links to ``blobs/<sha256>`` for LFS files: reuse the hub's hash."""
+    try:
+        target = path.resolve()
+    except OSError:
+        return None
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return None
+
+
+# -- HF layouts ----------------------------------------------------------------------------------
+_RULE_NAMES = {
+    "vision_model.": "SiglipModel/SiglipVisionModel (hub layout)",
+    "embeddings.": "SiglipVisionModel (flat, transformers >= 5.6)",
+    "vision_tower.vision_model.": "PaliGemma (hub layout)",
+    "model.vision_tower.vision_model.": "PaliGemma (transformers 5.x layout)",
+    "model.vision_tower.": "PaliGemma (transformers >= 5.6 flat tower)",
+}
+
+
+def _hf_layout(store: Store) -> tuple[str, list[Planned], set[str], list[str], list[str]]:
+    from siglip_scratch.checkpoint import map_vision_keys
+
+    keys = store.keys()
+    mapping, dropped, _unmatched = map_vision_keys(keys)
+    rules = sorted(PREFIX_RULES, key=lambda r: -len(r[0]))
+    kinds: Counter[str] = Counter()
+    for src in mapping.values():
+        prefix = next(p for p, _ in rules if src.startswith(p))
+        kinds[_RULE_NAMES.get(prefix, "SiglipVisionModel (flat, transformers >= 5.6)")] += 1
+    layout = " + ".join(k for k, _ in kinds.most_common()) or "unknown"
+    towers = sorted({d.split(".")[0] if not d.startswith("model.") else ".".join(d.split(".")[:2]) for d in dropped})
+    notes = [f"dropped {len(dropped)} tensor(s) outside the vision tower ({', '.join(towers)})"] if dropped else []
+    planned = [
+        Planned(dst, store.shape(src), store.dtype(src), _loader(store, src), store.raw(src), store.where(src))
+        for dst, src in mapping.items()
+    ]
+    return layout, planned, set(mapping.values()), dropped, notes
+
+
+def _loader(store: Store, key: str) -> Callable[[], torch.Tensor]:
+    return lambda: store.load(key)
+
+
+# -- tables (timm, big_vision) -------------------------------------------------------------------
+def _looks_timm(keys: Sequence[str]) -> bool:
+    return any(k.endswith("patch_embed.proj.weight") for k in keys)
+
+
+def _timm_layout(keys: Sequence[str]) -> tuple[str, str, list[str], list[str]]:
+    anchor = next(k for k in keys if k.endswith("patch_embed.proj.weight"))
+    root = anchor[: -len("patch_embed.proj.weight")]
+    if root not in ("", "trunk.", "visual.trunk.", "module."):
+        raise CheckpointError(f"unexpected timm prefix {root!r}", anchor, "strip it before converting")
+    layout = {"visual.trunk.": "open_clip SigLIP (visual.trunk.)"}.get(root, "timm SigLIP ViT")
+    # Outside the trunk (open_clip's text tower, logit_scale/bias) or not part of a SigLIP tower
+    # (timm's classifier `head` and `fc_norm`): dropped and reported.
+    drops = [k for k in keys if not k.startswith(root) or k[len(root) :].startswith(("head.", "fc_norm."))]
+    notes = [
+        "timm's SigLIP v1 models default to exact GELU, but the checkpoints were trained with the tanh "
+        "approximation: the output config keeps hidden_act gelu_pytorch_tanh"
+    ]
+    if drops:
+        notes.append(f"dropped {len(set(drops))} tensor(s) outside the vision trunk")
+    return layout, root, sorted(set(drops)), notes
+
+
+def _npz_layout(keys: Sequence[str], where: str) -> tuple[str, list[Row], str, list[str], list[str]]:
+    roots = [r for r in ("params/img/", "img/") if any(k.startswith(r) for k in keys)]
+    if not roots:
+        raise CheckpointError(
+            "no image tower (img/…) in this .npz", where, "pass a big_vision SigLIP or PaliGemma checkpoint"
+        )
+    root = roots[0]
+    paligemma = any(k.startswith(("params/llm/", "llm/")) for k in keys)
+    drops = [k for k in keys if not k.startswith(root) or k.startswith(root + "head/")]
+    layout = "big_vision " + ("PaliGemma" if paligemma else "two-tower SigLIP") + f" ({root}…)"
+    if any("/encoderblock/" in k for k in keys):
+        layout += ", scanned blocks"
+    notes = []
+    if any(k.startswith(root + "head/") for k in keys):
+        notes.append(f"dropped {root}head/ (a projection outside the vision tower)")
+    other = {k.split("/")[0] if not k.startswith("params/") else "/".join(k.split("/")[:2]) for k in drops}
+    other.discard(root.rstrip("/"))
+    if other:
+        notes.append(f"dropped other towers: {', '.join(sorted(other))}")
+    return layout, BIG_VISION_TABLE, root, drops, notes
+
+
+def _apply_table(
+    rows: Sequence[Row], store: Store, root: str, keys: Sequence[str], *, use_head: bool
+) -> tuple[list[Planned], set[str]]:
+    layers = _layer_count(keys, root)
+    has_head = any(root + s in set(keys) for r in rows if r.head for s in r.sources)
+    key_set = set(keys)
+    planned: list[Planned] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    for row in rows:
+        if row.head and not has_head:
+            continue
+        for i in range(layers) if row.layered else [None]:
+            target = row.target.format(i) if i is not None else row.target
+            sources = [root + (s.format(i) if i is not None else s) for s in row.sources]
+            absent = [s for s in sources if s not in key_set]
+            if absent:
+                missing += absent
+                continue
+            used.update(sources)
+            if row.head and not use_head:
+                continue
+            planned.append(_planned_row(store, target, sources, row))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} expected tensor(s) missing: {', '.join(sorted(set(missing))[:8])}",
+            str(store.files[0]),
+            "the checkpoint is incomplete or not a SigLIP vision tower",
+        )
+    return planned, used
+
+
+def _planned_row(store: Store, target: str, sources: list[str], row: Row) -> Planned:
+    if row.transform is None:
+        (src,) = sources
+        return Planned(
+            target, store.shape(src), store.dtype(src), _loader(store, src), store.raw(src), store.where(src)
+        )
+    transform = row.transform
+    metas = [torch.empty(store.shape(s), dtype=store.dtype(s), device="meta") for s in sources]
+    try:
+        out = transform(metas)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"tensor shapes do not fit the layout ({exc})".splitlines()[0],
+            " + ".join(store.where(s) for s in sources),
+            "the checkpoint is not the layout it looks like",
+        ) from None
+    return Planned(
+        target,
+        tuple(out.shape),
+        out.dtype,
+        lambda: transform([store.load(s) for s in sources]),
+        None,
+        " + ".join(store.where(s) for s in sources),
+    )
+
+
+def _layer_count(keys: Sequence[str], root: str) -> int:
+    pattern = re.compile(re.escape(root) + r"(?:blocks\.|Transformer/encoderblock_)(\d+)[./]")
+    idx = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    if not idx:
+        raise CheckpointError("no transformer blocks found", root or "checkpoint", "is this a vision tower?")
+    if idx != set(range(max(idx) + 1)):
+        gaps = sorted(set(range(max(idx) + 1)) - idx)
+        raise CheckpointError(f"transformer blocks {gaps} are missing", root or "checkpoint", "the file is incomplete")
+    return max(idx) + 1
+
+
+def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
+    keys = set(store.keys())
+    layers = _layer_count(list(keys), root)
+    if kind == "npz":
+        p, _, c, d = store.shape(root + "embedding/kernel")
+        n = store.shape(root + "pos_embedding")[-2]
+        heads = store.shape(root + "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")[1]
+        inter = store.shape(root + "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel")[1]
+        head = root + "MAPHead_0/probe" in keys
+    else:
+        d, c, p, _ = store.shape(root + "patch_embed.proj.weight")
+        n = store.shape(root + "pos_embed")[-2]
+        inter = store.shape(root + "blocks.0.mlp.fc1.weight")[0]
+        head = root + "attn_pool.latent" in keys
+        if d not in KNOWN_HEADS:
+            raise ConfigError(
+                f"cannot infer the head count of a timm model with width {d}",
+                "num_attention_heads",
+                "pass --config with a SiglipVisionConfig JSON",
+            )
+        heads = KNOWN_HEADS[d]
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise ConfigError(f"position table of {n} entries is not a square grid", "pos_embedding", "pass --config")
+    return SiglipVisionConfig(
+        hidden_size=d,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_channels=c,
+        image_size=grid * p,
+        patch_size=p,
+        vision_use_head=head,
+    )
+
+
+def _folder_config(
+    folder: Path, kind: str, inferred: SiglipVisionConfig | None, inputs: list[InputFile]
+) -> SiglipVisionConfig:
+    if inferred is not None:
+        return inferred
+    file = folder / "config.json"
+    if not file.is_file():
+        raise InputError("no config.json beside the weights", str(folder), "pass --config with the model's config.json")
+    inputs.append(InputFile(file, _hub_blob_sha256(file)))
+    return SiglipVisionConfig.from_pretrained(file)
+
+
+def _preprocessor(
+    folder: Path, kind: str, config: SiglipVisionConfig, source: str, inputs: list[InputFile]
+) -> tuple[dict[str, Any], str]:
+    file = folder / "preprocessor_config.json"
+    if kind in ("hf-folder", "hub") and file.is_file():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"not valid JSON ({exc})", str(file), "fix or delete it") from None
+        SiglipImageProcessor.from_dict(data, source=str(file))  # validate before copying
+        inputs.append(InputFile(file, _hub_blob_sha256(file)))
+        return data, f"copied from {file}"
+    siglip2 = "siglip2" in source.lower()
+    proc = SiglipImageProcessor.for_config(config, resample=BILINEAR if siglip2 else BICUBIC)
+    return proc.to_dict(), "generated (" + ("bilinear, SigLIP 2" if siglip2 else "bicubic, SigLIP") + ")"

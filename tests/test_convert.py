@@ -1,0 +1,429 @@
+"""siglip-convert: every source layout, bit-identical float32 relayout, the hub paths, the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from siglip_scratch import SiglipVisionConfig, SiglipVisionModel, get_preset
+from siglip_scratch.convert import convert
+from siglip_scratch.convert.cli import main as convert_main
+from siglip_scratch.modeling import synthetic_state_dict
+from siglip_scratch.parity.reference import build_reference
+
+from . import layouts
+from .conftest import TINY, TINY_ODD, assert_exact, pixels
+from .hubserver import FakeHub
+
+V = "vision_model."
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            assert fh.metadata()["format"] == "pt"
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want), f"keys differ: {sorted(set(got) ^ set(want))[:6]}"
+    for k in want:
+        assert got[k].dtype == want[k].dtype, f"{k}: {got[k].dtype} vs {want[k].dtype}"
+        assert torch.equal(got[k], want[k]), f"{k}: not bit-identical, max |Δ| {(got[k] - want[k]).abs().max()}"
+
+
+def check_loads_everywhere(folder: Path, state: dict[str, torch.Tensor], cfg: SiglipVisionConfig, hf) -> None:
+    """Our strict loader and transformers both load the folder and agree with the source weights."""
+    ours = SiglipVisionModel.from_pretrained(folder)
+    theirs, info = hf.SiglipVisionModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ref = build_reference(cfg, state)
+    x = pixels(cfg, 2)
+    with torch.inference_mode():
+        want = ref(x).last_hidden_state
+        assert_exact(ours(x).last_hidden_state, want, "ours on the converted folder")
+        assert_exact(theirs.eval()(x).last_hidden_state, want, "transformers on the converted folder")
+
+
+@pytest.fixture
+def state() -> dict[str, torch.Tensor]:
+    return synthetic_state_dict(TINY, seed=4)
+
+
+def _hf_folder(tmp_path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# -- HF layouts ----------------------------------------------------------------------------------------
+def test_full_siglip_model_folder_is_a_pure_relayout(tmp_path, state, hf):
+    src = _hf_folder(
+        tmp_path,
+        {**state, **layouts.text_tower()},
+        {"model_type": "siglip", "vision_config": TINY.to_dict(), "text_config": {}},
+    )
+    out = tmp_path / "out"
+    result = convert(str(src), out)
+    assert_same_tensors(read_folder(out), state)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "conversion.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    assert SiglipVisionConfig.from_pretrained(out) == TINY
+    assert result.plan.dropped == 5
+    check_loads_everywhere(out, state, TINY, hf)
+
+
+@pytest.mark.parametrize("layout", ["flat", "paligemma-hub", "paligemma-5x", "paligemma-5x-flat"])
+def test_vision_model_and_paligemma_layouts_sharded(tmp_path, layout, hf):
+    cfg = TINY.replace(vision_use_head=False)
+    state = synthetic_state_dict(cfg, seed=2)
+    prefix = {
+        "flat": "",
+        "paligemma-hub": "vision_tower.vision_model.",
+        "paligemma-5x": "model.vision_tower.vision_model.",
+        "paligemma-5x-flat": "model.vision_tower.",
+    }[layout]
+    vision = {prefix + k[len(V) :]: v for k, v in state.items()}
+    keys = sorted(vision)
+    shards = {
+        "model-00001-of-00003.safetensors": {k: vision[k] for k in keys[: len(keys) // 2]},
+        "model-00002-of-00003.safetensors": {k: vision[k] for k in keys[len(keys) // 2 :]},
+    }
+    lm = "language_model." if layout == "paligemma-hub" else "model.language_model."
+    if layout != "flat":
+        shards["model-00002-of-00003.safetensors"]["multi_modal_projector.linear.weight"] = torch.ones(4, 4)
+        shards["model-00003-of-00003.safetensors"] = {lm + "embed_tokens.weight": torch.ones(8, 4)}
+    layouts.save_sharded(tmp_path / "src", shards)
+    config = (
+        {"model_type": "paligemma", "vision_config": {k: v for k, v in cfg.to_dict().items() if k != "vision_use_head"}}
+        if layout != "flat"
+        else cfg.to_dict()
+    )
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    if layout != "flat":  # the language-model shard is never needed: delete it to prove it
+        (tmp_path / "src" / "model-00003-of-00003.safetensors").unlink()
+    convert(str(tmp_path / "src"), tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    assert SiglipVisionConfig.from_pretrained(tmp_path / "out").vision_use_head is False
+    check_loads_everywhere(tmp_path / "out", state, cfg, hf)
+
+
+def test_single_safetensors_file_with_config_beside(tmp_path, state):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    convert(str(src / "model.safetensors"), tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+
+
+def test_pickle_bin_is_read_with_weights_only(tmp_path, state):
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({**state, **layouts.text_tower()}, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": TINY.to_dict()}))
+    convert(str(src), tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+
+
+# -- dtype, head, shards, provenance -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_casts_floating_tensors(tmp_path, state, dtype):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    convert(str(src), tmp_path / "out", dtype=dtype)
+    want = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
+    assert_same_tensors(read_folder(tmp_path / "out"), want)
+
+
+def test_no_head(tmp_path, state, hf):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    convert(str(src), tmp_path / "out", no_head=True)
+    want = {k: v for k, v in state.items() if not k.startswith(V + "head.")}
+    assert_same_tensors(read_folder(tmp_path / "out"), want)
+    cfg = SiglipVisionConfig.from_pretrained(tmp_path / "out")
+    assert cfg.vision_use_head is False
+    check_loads_everywhere(tmp_path / "out", want, cfg, hf)
+
+
+def test_sharded_output_and_index(tmp_path, state, hf):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    convert(str(src), tmp_path / "out", max_shard_size="40KB")
+    names = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert len(names) > 1 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(state) and set(index["weight_map"].values()) == set(names)
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    check_loads_everywhere(tmp_path / "out", state, TINY, hf)
+
+
+def test_conversion_json_records_hashes(tmp_path, state):
+    import hashlib
+
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    convert(str(src), tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["tool"] == "siglip-convert" and record["source"]["kind"] == "hf-folder"
+    for entry in record["inputs"]:
+        assert entry["sha256"] == hashlib.sha256(Path(entry["file"]).read_bytes()).hexdigest()
+    for entry in record["outputs"]:
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "out" / entry["file"]).read_bytes()).hexdigest()
+    assert {e["file"] for e in record["outputs"]} == {"model.safetensors", "config.json", "preprocessor_config.json"}
+
+
+def test_preprocessor_config_copied_or_generated(tmp_path, state):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    convert(str(src), tmp_path / "gen")
+    gen = json.loads((tmp_path / "gen" / "preprocessor_config.json").read_text())
+    assert gen["resample"] == 3 and gen["size"] == {"height": 32, "width": 32}
+    custom = {**gen, "resample": 2, "image_processor_type": "SiglipImageProcessor"}
+    (src / "preprocessor_config.json").write_text(json.dumps(custom))
+    convert(str(src), tmp_path / "copied")
+    assert json.loads((tmp_path / "copied" / "preprocessor_config.json").read_text()) == custom
+
+
+# -- big_vision .npz ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "root, scanned, paligemma",
+    [("img/", False, False), ("params/img/", False, False), ("img/", True, False), ("params/img/", True, True)],
+    ids=["two-tower", "params-prefix", "scanned", "paligemma-scanned"],
+)
+def test_big_vision_npz_layouts(tmp_path, root, scanned, paligemma, hf):
+    cfg = TINY_ODD.replace(vision_use_head=not paligemma)
+    state = synthetic_state_dict(cfg, seed=6)
+    if paligemma:
+        extra = {
+            root + "head/kernel": np.ones((cfg.hidden_size, 8), np.float32),  # the projector: not the tower
+            "params/llm/embedder/input_embedding": np.ones((10, 8), np.float32),
+        }
+    else:
+        extra = {"txt/Encoder_0/encoder_norm/scale": np.ones(4, np.float32), "t": np.ones(1), "b": np.ones(1)}
+    np.savez(tmp_path / "ckpt.npz", **layouts.to_big_vision(state, cfg, root=root, scanned=scanned, extra=extra))
+    result = convert(str(tmp_path / "ckpt.npz"), tmp_path / "out")
+    assert SiglipVisionConfig.from_pretrained(tmp_path / "out") == cfg  # inferred from shapes
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    assert ("PaliGemma" in result.plan.layout) == paligemma
+    check_loads_everywhere(tmp_path / "out", state, cfg, hf)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_big_vision_half_precision_npz(tmp_path, dtype):
+    state = synthetic_state_dict(TINY, seed=6)
+    np.savez(tmp_path / "ckpt.npz", **layouts.to_big_vision(state, TINY, dtype=dtype))
+    convert(str(tmp_path / "ckpt.npz"), tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), {k: v.to(getattr(torch, dtype)) for k, v in state.items()})
+
+
+def test_big_vision_config_override(tmp_path):
+    state = synthetic_state_dict(TINY, seed=6)
+    np.savez(tmp_path / "ckpt.npz", **layouts.to_big_vision(state, TINY))
+    TINY.replace(hidden_act="gelu").save_pretrained(tmp_path)
+    convert(str(tmp_path / "ckpt.npz"), tmp_path / "out", config=str(tmp_path / "config.json"))
+    assert SiglipVisionConfig.from_pretrained(tmp_path / "out").hidden_act == "gelu"
+
+
+# -- timm / open_clip ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["", "visual.trunk."], ids=["timm", "open_clip"])
+def test_timm_and_open_clip_layouts(tmp_path, prefix, capsys):
+    cfg = get_preset("google/siglip-base-patch16-224").replace(num_hidden_layers=2)  # width 768 -> 12 heads
+    state = synthetic_state_dict(cfg, seed=8)
+    sd = layouts.to_timm(state, cfg, prefix=prefix)
+    if prefix:
+        sd.update({"text.token_embedding.weight": torch.ones(4, 4), "logit_scale": torch.ones(1)})
+    torch.save(sd, tmp_path / "model.pt")
+    rc = convert_main([str(tmp_path / "model.pt"), str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    layout = next(line for line in out.splitlines() if line.startswith("layout: "))
+    assert "gelu_pytorch_tanh" in out and ("open_clip" in layout) == bool(prefix), out
+    assert SiglipVisionConfig.from_pretrained(tmp_path / "out") == cfg
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    ours, converted = SiglipVisionModel.from_state_dict(cfg, state), SiglipVisionModel.from_pretrained(tmp_path / "out")
+    x = pixels(cfg, 1)
+    with torch.inference_mode():
+        assert_exact(converted(x).pooler_output, ours(x).pooler_output, "timm -> ours")
+
+
+# -- hub: a cache built here, and a hub served on 127.0.0.1 ---------------------------------------------------
+# huggingface_hub reads HF_* variables when it is imported, so these run the real CLI in a subprocess
+# with the environment a user would have.
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "siglip_scratch.convert.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=600,
+    )
+
+
+def test_hub_cache_offline_minimal_config(tmp_path, hf):
+    """The real cache layout of google/siglip-base-patch16-224: full SiglipModel, minimal vision_config."""
+    cfg = get_preset("google/siglip-base-patch16-224")
+    state = synthetic_state_dict(cfg, seed=9)
+    weights = tmp_path / "weights.safetensors"
+    save_file({**state, **layouts.text_tower()}, str(weights), metadata={"format": "pt"})
+    hub_config = {"model_type": "siglip", "vision_config": {"patch_size": 16}, "text_config": {}}
+    cache = tmp_path / "hub"
+    snap = layouts.write_hub_cache(
+        cache,
+        "google/siglip-base-patch16-224",
+        {"config.json": json.dumps(hub_config).encode(), "model.safetensors": weights},
+    )
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("google/siglip-base-patch16-224", str(tmp_path / "out"), "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["source"]["kind"] == "hub" and record["source"]["repo_id"] == "google/siglip-base-patch16-224"
+    assert record["source"]["commit"] == snap.name
+    blob = (snap / "model.safetensors").resolve().name
+    assert any(e["sha256"] == blob for e in record["inputs"]), "the hub blob hash was not reused"
+    check_loads_everywhere(tmp_path / "out", state, cfg, hf)
+
+
+def test_hub_offline_with_nothing_cached(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("google/siglip-base-patch16-224", str(tmp_path / "out"), env=env)
+    assert proc.returncode == 2 and "not in the local cache" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    hub = FakeHub().start()
+    hub.env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_HUB_OFFLINE": "0"}
+    yield hub
+    hub.stop()
+
+
+def sharded_siglip_repo(state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """A full SiglipModel in two shards: vision in the first, text only in the second."""
+    from safetensors.torch import save
+
+    text = layouts.text_tower()
+    s1, s2 = save(state, metadata={"format": "pt"}), save(text, metadata={"format": "pt"})
+    weight_map = {**dict.fromkeys(state, "model-00001-of-00002.safetensors")}
+    weight_map.update(dict.fromkeys(text, "model-00002-of-00002.safetensors"))
+    config = {"model_type": "siglip", "vision_config": TINY.to_dict(), "text_config": {}}
+    return {
+        "config.json": json.dumps(config).encode(),
+        "model.safetensors.index.json": json.dumps({"metadata": {}, "weight_map": weight_map}).encode(),
+        "model-00001-of-00002.safetensors": s1,
+        "model-00002-of-00002.safetensors": s2,
+        "preprocessor_config.json": json.dumps({"resample": 3, "size": {"height": 32, "width": 32}}).encode(),
+    }
+
+
+def test_hub_download_fetches_only_vision_shards(tmp_path, fake_hub, state):
+    repo = "acme/siglip-tiny"
+    commit = fake_hub.add_repo(repo, sharded_siglip_repo(state))
+    proc = run_cli(repo, str(tmp_path / "out"), env=fake_hub.env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"commit {commit}" in proc.stdout
+    assert fake_hub.bytes_served(repo, "model-00001-of-00002.safetensors") > 0
+    assert fake_hub.bytes_served(repo, "model-00002-of-00002.safetensors") == 0, "the text-only shard was fetched"
+    assert not any(p.endswith("model-00002-of-00002.safetensors") for _, p in fake_hub.requests)
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["resample"] == 3
+    # Served from the cache the second time: no new body bytes.
+    before = sum(fake_hub.served.values())
+    assert run_cli(repo, str(tmp_path / "again"), "--quiet", env=fake_hub.env).returncode == 0
+    assert sum(fake_hub.served.values()) == before
+
+
+def test_hub_revision_and_errors(tmp_path, fake_hub, state):
+    repo = "acme/siglip-tiny"
+    commit = fake_hub.add_repo(repo, sharded_siglip_repo(state))
+    proc = run_cli(repo, str(tmp_path / "out"), "--revision", commit, "--quiet", env=fake_hub.env)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert (record["source"]["revision"], record["source"]["commit"]) == (commit, commit)
+    for args, needle in (
+        (["acme/nope"], "repo not found"),
+        ([repo, "--revision", "v9"], "revision not found"),
+    ):
+        proc = run_cli(args[0], str(tmp_path / "bad"), *args[1:], env=fake_hub.env)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+# -- the output folder and the CLI ----------------------------------------------------------------------------
+def test_existing_output_refused_without_force(tmp_path, state, capsys):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = convert_main([str(src), str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not empty" in err and "--force" in err and err.count("\n") == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    assert convert_main([str(src), str(out), "--force", "--quiet"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if "siglip-convert" in p.name] == []
+
+
+def test_empty_existing_output_is_fine(tmp_path, state):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    (tmp_path / "out").mkdir()
+    convert(str(src), tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_nonfinite_weights(tmp_path, state, capsys):
+    bad = dict(state)
+    bad[V + "encoder.layers.1.mlp.fc1.weight"] = bad[V + "encoder.layers.1.mlp.fc1.weight"].clone()
+    bad[V + "encoder.layers.1.mlp.fc1.weight"][3, 5] = float("nan")
+    src = _hf_folder(tmp_path, bad, TINY.to_dict())
+    rc = convert_main([str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN or Inf" in err and "encoder.layers.1.mlp.fc1.weight" in err and "--allow-nonfinite" in err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert convert_main([str(src), str(tmp_path / "out"), "--allow-nonfinite", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["/nonexistent/x.safetensors", "OUT"], "no such file or folder"),
+        (["not a repo id!", "OUT"], "not a file, a folder or a hub repo id"),
+        (["SRC", "OUT", "--max-shard-size", "lots"], "cannot read size 'lots'"),
+        (["SRC/model.safetensors.txt", "OUT"], "unknown weights format"),
+    ],
+)
+def test_cli_input_errors_exit_2(tmp_path, state, argv, needle, capsys):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    (src / "model.safetensors.txt").write_text("x")
+    argv = [a.replace("SRC", str(src)).replace("OUT", str(tmp_path / "out")) for a in argv]
+    rc = convert_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_verify_pass_and_fail_exit_codes(tmp_path, state, capsys, monkeypatch, hf):
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    assert convert_main([str(src), str(tmp_path / "a"), "--verify"]) == 0
+    assert "verify: PASS: all 5 sites exact" in capsys.readouterr().out
+    from siglip_scratch.convert import verify
+
+    monkeypatch.setattr(verify, "verify_output", lambda folder, dtype: (False, "verify: FAIL: planted"))
+    assert convert_main([str(src), str(tmp_path / "b"), "--verify"]) == 1
