@@ -30,9 +30,9 @@ $(VENV457)/.installed: pyproject.toml
 test: install
 	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q
 
-## test-457: the transformers-facing tests again under transformers 4.57.6
+## test-457: the transformers- and hub-client-facing tests again under transformers 4.57.6 / huggingface_hub 0.x
 test-457: install-457
-	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY457) -m pytest -q -m "transformers and not slow"
+	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY457) -m pytest -q -m "(transformers or hub) and not slow"
 
 ## test-slow: full-size presets (so400m) and other minutes-long tests
 test-slow: install

@@ -48,6 +48,9 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from siglip_scratch.hub import quiet_hub_logs
+
+    quiet_hub_logs()
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

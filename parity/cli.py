@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from siglip_scratch.hub import quiet_hub_logs
+
+    quiet_hub_logs()
     try:
         return _main(args)
     except SiglipScratchError as exc:

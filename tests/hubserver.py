@@ -30,11 +30,12 @@ class Faults:
     """Per-file misbehaviour. Counters count down on each GET of that file."""
 
     drop_after: dict[str, int] = field(default_factory=dict)  # close the connection after N body bytes
-    drop_times: dict[str, int] = field(default_factory=dict)  # ... this many times (default 1)
+    drop_times: dict[str, int] = field(default_factory=dict)  # ... this many times
     errors_5xx: dict[str, int] = field(default_factory=dict)  # answer 503 this many times (HEAD and GET)
     wrong_bytes: dict[str, int] = field(default_factory=dict)  # serve corrupted bytes this many times
     short_body: dict[str, int] = field(default_factory=dict)  # send fewer bytes than Content-Length, N times
-    stall_s: dict[str, float] = field(default_factory=dict)  # sleep before answering
+    stall_s: dict[str, float] = field(default_factory=dict)  # sleep this long before answering ...
+    stall_times: dict[str, int] = field(default_factory=dict)  # ... this many times
 
 
 class FakeHub:
@@ -111,7 +112,7 @@ class FakeHub:
             return self._error(h, 404, None)
         repo_id, revision, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
         key = f"{repo_id}/{filename}"
-        if key in self.faults.stall_s:
+        if key in self.faults.stall_s and self._take(self.faults.stall_times, key):
             time.sleep(self.faults.stall_s[key])
         if self._take(self.faults.errors_5xx, key):
             return self._error(h, 503, None)

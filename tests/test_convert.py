@@ -274,6 +274,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.hub
 def test_hub_cache_offline_minimal_config(tmp_path, hf):
     """The real cache layout of google/siglip-base-patch16-224: full SiglipModel, minimal vision_config."""
     cfg = get_preset("google/siglip-base-patch16-224")
@@ -299,6 +300,7 @@ def test_hub_cache_offline_minimal_config(tmp_path, hf):
     check_loads_everywhere(tmp_path / "out", state, cfg, hf)
 
 
+@pytest.mark.hub
 def test_hub_offline_with_nothing_cached(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
     proc = run_cli("google/siglip-base-patch16-224", str(tmp_path / "out"), env=env)
@@ -332,6 +334,7 @@ def sharded_siglip_repo(state: dict[str, torch.Tensor]) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.hub
 def test_hub_download_fetches_only_vision_shards(tmp_path, fake_hub, state):
     repo = "acme/siglip-tiny"
     commit = fake_hub.add_repo(repo, sharded_siglip_repo(state))
@@ -349,6 +352,7 @@ def test_hub_download_fetches_only_vision_shards(tmp_path, fake_hub, state):
     assert sum(fake_hub.served.values()) == before
 
 
+@pytest.mark.hub
 def test_hub_revision_and_errors(tmp_path, fake_hub, state):
     repo = "acme/siglip-tiny"
     commit = fake_hub.add_repo(repo, sharded_siglip_repo(state))
