@@ -10,7 +10,7 @@ VENV457 ?= .venv-457
 PY457 := $(VENV457)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install install-457 test test-457 test-slow lint format parity bench fuzz clean
+.PHONY: install install-457 test test-457 test-slow lint format parity bench bench-quick fuzz clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -50,10 +50,13 @@ format: install
 parity: install
 	HF_HUB_OFFLINE=1 $(PY) -m siglip_scratch.parity.suite
 
+## bench: the full benchmark (~20 min on 2 cores): tables on stdout, bench-results/bench.{json,md}
 bench: install
-	@echo "make bench: the benchmark (issue 5) is not built yet; it will time ours vs"
-	@echo "transformers sdpa/eager side by side and write BENCHMARKS.md."
-	@exit 1
+	$(PY) -m siglip_scratch.bench --out bench-results
+
+## bench-quick: the same on a tiny config in seconds (what CI runs as a smoke test)
+bench-quick: install
+	$(PY) -m siglip_scratch.bench --quick --out bench-results/quick
 
 clean:
 	rm -rf $(VENV) $(VENV457) .pytest_cache .ruff_cache build src/*.egg-info
