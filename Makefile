@@ -10,7 +10,7 @@ VENV457 ?= .venv-457
 PY457 := $(VENV457)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install install-457 test test-457 test-slow lint format parity bench bench-quick fuzz clean
+.PHONY: install install-457 test test-457 test-slow lint format parity bench bench-quick compat fuzz clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -57,6 +57,15 @@ bench: install
 ## bench-quick: the same on a tiny config in seconds (what CI runs as a smoke test)
 bench-quick: install
 	$(PY) -m siglip_scratch.bench --quick --out bench-results/quick
+
+## compat: the cross-check against timm's own forward, where timm (and torchvision) install
+compat: install
+	$(PY) -m pip install $(PIP_FLAGS) timm || { echo "make compat: timm does not install here (it needs torchvision)"; exit 1; }
+	$(PY) -m pytest -q tests/test_timm_compat.py
+
+## fuzz: a longer property-based fuzzing campaign over every reader (hypothesis "fuzz" profile)
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) $(VENV457) .pytest_cache .ruff_cache build src/*.egg-info

@@ -11,9 +11,7 @@ import os
 import signal
 import sys
 
-from siglip_scratch.errors import SiglipScratchError
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,23 +46,16 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from siglip_scratch.hub import quiet_hub_logs
-
-    quiet_hub_logs()
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+    def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:
+        what, code = ("terminated", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+        return f"{what}; nothing was written to {args.output_dir}", code
+
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(args)
-    except SiglipScratchError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as exc:
-        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-        print(f"error: {what}; nothing was written to {args.output_dir}", file=sys.stderr)
-        return 143 if isinstance(exc, _Terminated) else 130
+        return run(_main, args, on_interrupt=interrupted)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -328,7 +328,7 @@ def _planned_row(store: Store, target: str, sources: list[str], row: Row) -> Pla
     metas = [torch.empty(store.shape(s), dtype=store.dtype(s), device="meta") for s in sources]
     try:
         out = transform(metas)
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # torch's shape errors on meta tensors
         raise CheckpointError(
             f"tensor shapes do not fit the layout ({exc})".splitlines()[0],
             " + ".join(store.where(s) for s in sources),
@@ -355,19 +355,26 @@ def _layer_count(keys: Sequence[str], root: str) -> int:
     return max(idx) + 1
 
 
+def _shape(store: Store, key: str, rank: int) -> tuple[int, ...]:
+    shape = store.shape(key)
+    if len(shape) != rank:
+        raise CheckpointError(f"expected a rank-{rank} tensor, got shape {list(shape)}", store.where(key), None)
+    return shape
+
+
 def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
     keys = set(store.keys())
     layers = _layer_count(list(keys), root)
     if kind == "npz":
-        p, _, c, d = store.shape(root + "embedding/kernel")
-        n = store.shape(root + "pos_embedding")[-2]
-        heads = store.shape(root + "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")[1]
-        inter = store.shape(root + "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel")[1]
+        p, _, c, d = _shape(store, root + "embedding/kernel", 4)
+        n = _shape(store, root + "pos_embedding", 3)[1]
+        heads = _shape(store, root + "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel", 3)[1]
+        inter = _shape(store, root + "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", 2)[1]
         head = root + "MAPHead_0/probe" in keys
     else:
-        d, c, p, _ = store.shape(root + "patch_embed.proj.weight")
-        n = store.shape(root + "pos_embed")[-2]
-        inter = store.shape(root + "blocks.0.mlp.fc1.weight")[0]
+        d, c, p, _ = _shape(store, root + "patch_embed.proj.weight", 4)
+        n = _shape(store, root + "pos_embed", 3)[1]
+        inter = _shape(store, root + "blocks.0.mlp.fc1.weight", 2)[0]
         head = root + "attn_pool.latent" in keys
         if d not in KNOWN_HEADS:
             raise ConfigError(
@@ -377,7 +384,7 @@ def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
             )
         heads = KNOWN_HEADS[d]
     grid = math.isqrt(n)
-    if grid * grid != n:
+    if grid * grid != n or n == 0:
         raise ConfigError(f"position table of {n} entries is not a square grid", "pos_embedding", "pass --config")
     return SiglipVisionConfig(
         hidden_size=d,

@@ -197,8 +197,12 @@ class NpzStore(Store):
         try:
             self.npz = np.load(path, allow_pickle=False, mmap_mode=None)
             self._headers = {name: _npy_header(self.npz, name, where) for name in self.npz.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise CheckpointError(f"corrupt .npz ({exc})", where, "re-download or re-export it") from None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # zipfile/zlib/numpy raise many types on a damaged archive
+            raise CheckpointError(
+                f"corrupt .npz ({type(exc).__name__}: {exc})", where, "re-download or re-export it"
+            ) from None
         # virtual key -> (stored key, layer index or None)
         self.index: dict[str, tuple[str, int | None]] = {}
         for name, (shape, _) in self._headers.items():
@@ -225,8 +229,10 @@ class NpzStore(Store):
         where = f"{self.files[0]}: {name}"
         try:
             arr = self.npz[name]
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise CheckpointError(f"cannot read array ({exc})", where, "the file is corrupt") from None
+        except Exception as exc:  # zipfile/zlib/numpy raise many types on a damaged archive
+            raise CheckpointError(
+                f"cannot read array ({type(exc).__name__}: {exc})", where, "the file is corrupt"
+            ) from None
         if i is not None:
             arr = arr[i]
         if arr.dtype.kind == "V":

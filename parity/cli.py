@@ -10,9 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from siglip_scratch.errors import OutputError, SiglipScratchError
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, run
+from siglip_scratch.errors import OutputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,20 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from siglip_scratch.hub import quiet_hub_logs
-
-    quiet_hub_logs()
-    try:
-        return _main(args)
-    except SiglipScratchError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run(_main, build_parser().parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:

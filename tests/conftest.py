@@ -6,8 +6,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from siglip_scratch import SiglipVisionConfig, SiglipVisionModel
+
+# Fuzzing budgets: `ci` for `make test` (seconds), `fuzz` for `make fuzz` (a longer campaign).
+# The deadline turns a hang into a failure.
+settings.register_profile("ci", max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=2000, deadline=10000, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY = SiglipVisionConfig(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8

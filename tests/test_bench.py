@@ -21,7 +21,12 @@ def test_quick_bench_smoke(tmp_path, hf):
     assert main(["--quick", "--out", str(tmp_path), "--sections", "encoder,parity,convert"]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = data["encoder"]["rows"]
-    assert {(r["dtype"], r["batch"]) for r in rows} == {("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)}
+    assert {(r["dtype"], r["batch"]) for r in rows} == {
+        ("float32", 1),
+        ("float32", 2),
+        ("bfloat16", 1),
+        ("bfloat16", 2),
+    }
     assert all(r["ours_img_s"] > 0 and r["transformers_sdpa_img_s"] > 0 for r in rows)
     assert data["parity"]["rows"][0]["siglip_parity_peak_rss_mb"] > 0
     assert data["convert"]["siglip_convert_wall_s"] > 0

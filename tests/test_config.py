@@ -4,6 +4,8 @@ import pytest
 
 from siglip_scratch import PRESETS, ConfigError, SiglipVisionConfig, get_preset
 
+from .catalogue import covers
+
 
 def test_defaults_are_hugging_face_defaults():
     c = SiglipVisionConfig()
@@ -31,6 +33,7 @@ def test_frozen():
         (dict(layer_norm_eps=0.0), "layer_norm_eps must be > 0"),
     ],
 )
+@covers("C04")
 def test_invariants(kwargs, needle):
     with pytest.raises(ConfigError) as e:
         SiglipVisionConfig(**kwargs)
@@ -103,6 +106,7 @@ def test_vision_config_flat_and_ignored_keys():
     assert (c.hidden_size, c.num_attention_heads) == (64, 4)
 
 
+@covers("C09")
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError) as e:
         SiglipVisionConfig.from_dict({"model_type": "siglip", "vision_config": {"patch_size": "14"}}, source="x.json")

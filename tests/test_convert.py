@@ -21,6 +21,7 @@ from siglip_scratch.modeling import synthetic_state_dict
 from siglip_scratch.parity.reference import build_reference
 
 from . import layouts
+from .catalogue import covers
 from .conftest import TINY, TINY_ODD, assert_exact, pixels
 from .hubserver import FakeHub
 
@@ -298,8 +299,32 @@ def test_hub_cache_offline_minimal_config(tmp_path, hf):
     blob = (snap / "model.safetensors").resolve().name
     assert any(e["sha256"] == blob for e in record["inputs"]), "the hub blob hash was not reused"
     check_loads_everywhere(tmp_path / "out", state, cfg, hf)
+    # The same cache serves SiglipVisionModel.from_pretrained(hub id) and siglip-parity --model.
+    code = (
+        "import torch, siglip_scratch as s; m = s.SiglipVisionModel.from_pretrained('google/siglip-base-patch16-224');"
+        "print(m.config == s.get_preset('google/siglip-base-patch16-224'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "siglip_scratch.parity.cli",
+            "--model",
+            "google/siglip-base-patch16-224",
+            "--batch",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(real)" in proc.stdout and "PASS: all 15 sites exact" in proc.stdout, proc.stdout
 
 
+@covers("S04")
 @pytest.mark.hub
 def test_hub_offline_with_nothing_cached(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
@@ -352,6 +377,7 @@ def test_hub_download_fetches_only_vision_shards(tmp_path, fake_hub, state):
     assert sum(fake_hub.served.values()) == before
 
 
+@covers("S01", "S03")
 @pytest.mark.hub
 def test_hub_revision_and_errors(tmp_path, fake_hub, state):
     repo = "acme/siglip-tiny"
@@ -370,6 +396,7 @@ def test_hub_revision_and_errors(tmp_path, fake_hub, state):
 
 
 # -- the output folder and the CLI ----------------------------------------------------------------------------
+@covers("O01")
 def test_existing_output_refused_without_force(tmp_path, state, capsys):
     src = _hf_folder(tmp_path, state, TINY.to_dict())
     out = tmp_path / "out"
@@ -391,6 +418,7 @@ def test_empty_existing_output_is_fine(tmp_path, state):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@covers("C05")
 def test_nonfinite_weights(tmp_path, state, capsys):
     bad = dict(state)
     bad[V + "encoder.layers.1.mlp.fc1.weight"] = bad[V + "encoder.layers.1.mlp.fc1.weight"].clone()
@@ -413,6 +441,7 @@ def test_nonfinite_weights(tmp_path, state, capsys):
         (["SRC/model.safetensors.txt", "OUT"], "unknown weights format"),
     ],
 )
+@covers("S10")
 def test_cli_input_errors_exit_2(tmp_path, state, argv, needle, capsys):
     src = _hf_folder(tmp_path, state, TINY.to_dict())
     (src / "model.safetensors.txt").write_text("x")

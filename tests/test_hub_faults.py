@@ -9,6 +9,7 @@ from safetensors.torch import save
 
 from siglip_scratch.modeling import synthetic_state_dict
 
+from .catalogue import covers
 from .conftest import TINY
 from .hubserver import FakeHub
 from .test_convert import assert_same_tensors, read_folder, run_cli
@@ -53,44 +54,52 @@ def _failed_cleanly(tmp_path, proc, needle):
     assert not [p for p in tmp_path.iterdir() if "siglip-convert" in p.name]
 
 
+@covers("S05")
 def test_5xx_is_retried_with_backoff(hub, tmp_path):
     hub.faults.errors_5xx[f"{REPO}/{WEIGHTS}"] = 2
     _ok(hub, tmp_path, _convert(hub, tmp_path))
 
 
+@covers("S05")
 def test_5xx_forever_is_reported(hub, tmp_path):
     hub.faults.errors_5xx[f"{REPO}/{WEIGHTS}"] = 100
     # huggingface_hub >= 1 retries HEAD 5xx with backoff itself; 0.x surfaces it and we retry.
     _failed_cleanly(tmp_path, _convert(hub, tmp_path), "503")
 
 
+@covers("S06")
 def test_connection_dropped_mid_download(hub, tmp_path):
     hub.faults.drop_after[f"{REPO}/{WEIGHTS}"] = 1000
     hub.faults.drop_times[f"{REPO}/{WEIGHTS}"] = 1
     _ok(hub, tmp_path, _convert(hub, tmp_path))
 
 
+@covers("S07")
 def test_body_shorter_than_content_length(hub, tmp_path):
     hub.faults.short_body[f"{REPO}/{WEIGHTS}"] = 1
     _ok(hub, tmp_path, _convert(hub, tmp_path))
 
 
+@covers("S08")
 def test_wrong_bytes_once_is_retried(hub, tmp_path):
     hub.faults.wrong_bytes[f"{REPO}/{WEIGHTS}"] = 1
     _ok(hub, tmp_path, _convert(hub, tmp_path))
 
 
+@covers("S08")
 def test_wrong_bytes_twice_is_an_error(hub, tmp_path):
     hub.faults.wrong_bytes[f"{REPO}/{WEIGHTS}"] = 100
     _failed_cleanly(tmp_path, _convert(hub, tmp_path), "sha256")
 
 
+@covers("S09")
 def test_stalled_server_times_out_and_retries(hub, tmp_path):
     hub.faults.stall_s[f"{REPO}/{WEIGHTS}"] = 4.0
     hub.faults.stall_times[f"{REPO}/{WEIGHTS}"] = 1
     _ok(hub, tmp_path, _convert(hub, tmp_path))
 
 
+@covers("S02")
 def test_gated_repo_needs_a_token(hub, tmp_path):
     hub.repos[REPO].gated = True
     _failed_cleanly(tmp_path, _convert(hub, tmp_path), "gated")

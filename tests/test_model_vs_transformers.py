@@ -7,6 +7,7 @@ from siglip_scratch import InputError, SiglipVisionModel, get_preset
 from siglip_scratch.modeling import expected_shapes
 from siglip_scratch.parity.reference import build_reference, canonical_name, reference_prefix
 
+from .catalogue import covers
 from .conftest import TINY, TINY_ODD, assert_close, assert_exact, pixels
 
 
@@ -158,6 +159,7 @@ def test_inference_mode_eval_and_grad():
         ([[0.0]], "must be a torch.Tensor"),
     ],
 )
+@covers("I08", "I09", "I10", "I11")
 def test_bad_inputs_get_clear_errors(x, needle):
     model = SiglipVisionModel.from_config(TINY)
     with pytest.raises(InputError) as e:

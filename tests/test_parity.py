@@ -17,6 +17,7 @@ from siglip_scratch.parity import Weights, assert_parity, compare, compile_renam
 from siglip_scratch.parity.cli import main as parity_main
 
 from . import planted_bugs as bugs
+from .catalogue import covers
 from .conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,21 @@ def test_candidate_missing_keys_are_listed_and_other_sites_compared(small_weight
     assert not report.passed
 
 
+@covers("C05")
+def test_nonfinite_values_are_a_site_status(small_weights, hf):
+    # In the forward: the harness assigns the checkpoint's weights by name, which would undo a bad weight.
+    model = SiglipVisionModel.from_state_dict(SMALL, small_weights.state_dict)
+    mlp = model.vision_model.encoder.layers[1].mlp
+    orig = mlp.forward
+    mlp.forward = lambda x: orig(x) * float("inf")
+    report = compare(weights=small_weights, candidate=model)
+    assert report.first_divergent_site == f"{L}.1"
+    site = next(s for s in report.sites if s.name == f"{L}.1")
+    assert site.status == "nonfinite" and "candidate has NaN/Inf" in site.note
+    assert "NONFINITE" in report.table() and not report.passed
+
+
+@covers("P05")
 def test_wrong_output_shape_names_site_and_shapes(small_weights, hf):
     model = SiglipVisionModel.from_state_dict(SMALL, small_weights.state_dict)
     post = model.vision_model.post_layernorm
@@ -141,6 +157,7 @@ def test_wrong_output_shape_names_site_and_shapes(small_weights, hf):
     assert report.first_divergent_site == "vision_model.post_layernorm"
 
 
+@covers("I12")
 def test_nan_pixels_are_reported_not_compared(small_weights, hf):
     x = torch.zeros(1, 3, 64, 64)
     x[0, 0, 0, 0] = float("nan")
@@ -249,6 +266,7 @@ def test_cli_fail_exit_1_with_marked_row(tmp_path, capsys, hf):
         (["--weights", "/nonexistent/folder"], "no such file or folder"),
     ],
 )
+@covers("P01", "P02", "P06")
 def test_cli_usage_errors_exit_2_one_line(argv, needle, capsys, hf):
     rc = parity_main(argv)
     err = capsys.readouterr().err
@@ -256,6 +274,7 @@ def test_cli_usage_errors_exit_2_one_line(argv, needle, capsys, hf):
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
 
 
+@covers("P03", "P04")
 def test_cli_rename_errors(tmp_path, capsys, hf):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "badre.json").write_text('{"rename": [["blocks\\\\.(\\\\d+", "x"]]}')
@@ -274,6 +293,7 @@ def test_cli_as_subprocess_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: unknown preset")
 
 
+@covers("P08")
 def test_plot_without_matplotlib_is_a_clear_error(tiny_folder, tmp_path, capsys, monkeypatch, hf):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rc = parity_main(["--weights", str(tiny_folder), "--plot", str(tmp_path / "p.png")])

@@ -10,6 +10,8 @@ from PIL import Image
 from siglip_scratch import ConfigError, InputError, SiglipImageProcessor, SiglipVisionConfig
 from siglip_scratch.processor import load_image
 
+from .catalogue import covers
+
 
 def _image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -40,6 +42,7 @@ def _reference_processor(hf, **kwargs):
 TRANSPARENT = {"LA", "RGBA", "P-transparent"}
 
 
+@covers("I04", "I05", "I06")
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_transformers_pil_processor(mode, hf):
     # transformers 5 composites transparency onto white, 4.57 drops alpha: one option each.
@@ -102,6 +105,7 @@ def test_paths_and_arrays(tmp_path):
     assert torch.equal(from_path, from_array) and from_path.shape == (1, 3, 32, 32)
 
 
+@covers("I01", "I02")
 def test_corrupt_and_truncated_images(tmp_path):
     buf = io.BytesIO()
     _image("RGB", (64, 64), 0).save(buf, format="PNG")

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from siglip_scratch import CheckpointError, SiglipVisionModel, SourceError
 from siglip_scratch.parity.reference import build_reference
 
+from .catalogue import covers
 from .conftest import TINY, assert_exact, pixels
 
 
@@ -97,6 +98,7 @@ def _save(tmp_path, state, cfg=TINY):
     cfg.save_pretrained(tmp_path)
 
 
+@covers("C01")
 def test_missing_key_is_listed(tmp_path, tiny_model):
     state = dict(tiny_model.state_dict())
     del state["vision_model.encoder.layers.1.mlp.fc2.bias"]
@@ -107,6 +109,7 @@ def test_missing_key_is_listed(tmp_path, tiny_model):
     assert "missing 1: vision_model.encoder.layers.1.mlp.fc2.bias" in str(e.value)
 
 
+@covers("C02")
 def test_unexpected_keys_are_listed_sorted(tmp_path, tiny_model):
     state = dict(tiny_model.state_dict())
     state["vision_model.zz.extra"] = torch.zeros(1)
@@ -117,6 +120,7 @@ def test_unexpected_keys_are_listed_sorted(tmp_path, tiny_model):
     assert e.value.unexpected == ["some.random.key", "vision_model.zz.extra"]
 
 
+@covers("C03")
 def test_wrong_shape_names_key_and_both_shapes(tmp_path, tiny_model):
     state = dict(tiny_model.state_dict())
     state["vision_model.post_layernorm.weight"] = torch.zeros(65)
@@ -127,6 +131,7 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path, tiny_model):
     assert "vision_model.post_layernorm.weight: checkpoint [65] vs model [64]" in msg, msg
 
 
+@covers("C08")
 def test_config_that_disagrees_with_tensors(tmp_path, tiny_model):
     _save(tmp_path, tiny_model.state_dict(), cfg=TINY.replace(num_hidden_layers=3))
     with pytest.raises(CheckpointError, match="missing") as e:
@@ -134,6 +139,7 @@ def test_config_that_disagrees_with_tensors(tmp_path, tiny_model):
     assert "config.json belongs to these weights" in str(e.value)
 
 
+@covers("C06")
 def test_text_only_checkpoint(tmp_path):
     _save(tmp_path, {"text_model.embeddings.token_embedding.weight": torch.zeros(4, 4), "logit_scale": torch.ones(1)})
     with pytest.raises(CheckpointError, match="no SigLIP vision tower"):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+from .catalogue import covers
+
 SCRIPT = textwrap.dedent(
     """
     import importlib.abc, sys
@@ -38,6 +40,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@covers("P07")
 def test_core_runs_without_transformers():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -71,14 +71,16 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 1, sync=lambda: None) -> dict[str, float]:
-    """Median seconds per call of each function, timed A/B/A/B after ``warmup`` calls each."""
+    """Median seconds per call of each function, interleaved (A/B/C, B/C/A, …) after ``warmup`` calls each."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            samples[name].append(_timed(fn, sync))
+    names = list(fns)
+    for r in range(runs):
+        # Rotate the order each round so no competitor always follows the same neighbour.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(_timed(fns[name], sync))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -102,7 +104,11 @@ def _timm_available() -> str | None:
 def bench_encoder(quick: bool, runs: int) -> dict[str, Any]:
     from siglip_scratch.parity.reference import build_reference
 
-    plan = [("tiny", TINY, [1, 2])] if quick else [(BASE, get_preset(BASE), [1, 8, 32]), (SO400M, get_preset(SO400M), [1, 8])]
+    plan = (
+        [("tiny", TINY, [1, 2])]
+        if quick
+        else [(BASE, get_preset(BASE), [1, 8, 32]), (SO400M, get_preset(SO400M), [1, 8])]
+    )
     rows = []
     for name, cfg, batches in plan:
         for dtype in (torch.float32, torch.bfloat16):
@@ -112,12 +118,15 @@ def bench_encoder(quick: bool, runs: int) -> dict[str, Any]:
                 "transformers_sdpa": build_reference(cfg, state, attn_implementation="sdpa"),
                 "transformers_eager": build_reference(cfg, state, attn_implementation="eager"),
             }
+            a = torch.randn(2048, 2048).to(dtype)
+            b = torch.randn(2048, 2048).to(dtype)
             for batch in batches:
-                peak = mm_gflops(dtype)
                 x = torch.rand(batch, 3, cfg.image_size, cfg.image_size).to(dtype)
+                fns = {k: (lambda m=m, x=x: m(x)) for k, m in impls.items()}
+                fns["mm"] = lambda a=a, b=b: torch.mm(a, b)  # the roofline, timed in the same rounds
                 with torch.inference_mode():
-                    t = interleaved({k: (lambda m=m: m(x)) for k, m in impls.items()}, runs=runs)
-                peak = (peak + mm_gflops(dtype)) / 2  # before and after: the machine drifts
+                    t = interleaved(fns, runs=runs)
+                peak = 2 * 2048**3 / t.pop("mm") / 1e9
                 flops = flops_per_image(cfg) * batch
                 row = {"model": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "mm_gflops": peak}
                 for k, sec in t.items():
@@ -176,7 +185,11 @@ def bench_cuda(runs: int) -> dict[str, Any]:
             x = torch.rand(batch, 3, 224, 224, device="cuda").to(dtype)
             with torch.inference_mode():
                 t = interleaved(
-                    {"ours": lambda: ours(x), "ours_compiled": lambda: compiled(x), "transformers_sdpa": lambda: ref(x)},
+                    {
+                        "ours": lambda m=ours, x=x: m(x),
+                        "ours_compiled": lambda m=compiled, x=x: m(x),
+                        "transformers_sdpa": lambda m=ref, x=x: m(x),
+                    },
                     runs=runs,
                     warmup=3,
                     sync=torch.cuda.synchronize,
@@ -218,9 +231,7 @@ def _median_runs(cmds: dict[str, list[str]], runs: int) -> dict[str, dict[str, f
     for _ in range(runs):
         for k, cmd in cmds.items():
             samples[k].append(run_process(cmd))
-    return {
-        k: {m: statistics.median(s[m] for s in v) for m in ("wall_s", "peak_rss_mb")} for k, v in samples.items()
-    }
+    return {k: {m: statistics.median(s[m] for s in v) for m in ("wall_s", "peak_rss_mb")} for k, v in samples.items()}
 
 
 BARE_REFERENCE = """
@@ -287,7 +298,9 @@ def write_full_siglip_checkpoint(folder: Path, vision: SiglipVisionConfig, *, te
 
 
 # "A bare interpreter with the converter's imports": what siglip-convert imports before reading data.
-CONVERTER_IMPORTS = "import siglip_scratch.convert.cli, siglip_scratch.convert, siglip_scratch.hub, huggingface_hub, tqdm"
+CONVERTER_IMPORTS = (
+    "import siglip_scratch.convert.cli, siglip_scratch.convert, siglip_scratch.hub, huggingface_hub, tqdm"
+)
 
 TRANSFORMERS_ROUTE = """
 import sys, transformers
@@ -305,7 +318,9 @@ def bench_convert(quick: bool, runs: int) -> dict[str, Any]:
         src.mkdir()
         size = write_full_siglip_checkpoint(src, cfg, text_layers=2 if quick else None)
         print(f"  convert: synthetic full SiglipModel {size / 1e9:.2f} GB", flush=True)
-        samples: dict[str, list[dict[str, float]]] = {k: [] for k in ("cp", "siglip_convert", "imports", "transformers")}
+        samples: dict[str, list[dict[str, float]]] = {
+            k: [] for k in ("cp", "siglip_convert", "imports", "transformers")
+        }
         for i in range(runs):
             out = work / f"out{i}"
             samples["siglip_convert"].append(run_process([exe, str(src), str(out), "--quiet"]))
@@ -319,7 +334,11 @@ def bench_convert(quick: bool, runs: int) -> dict[str, Any]:
             for p in (out, work / f"cp{i}", work / f"hf{i}"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     med = {k: {m: statistics.median(s[m] for s in v) for m in ("wall_s", "peak_rss_mb")} for k, v in samples.items()}
-    row = {"source_gb": size / 1e9, "output_gb": out_bytes / 1e9, **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()}}
+    row = {
+        "source_gb": size / 1e9,
+        "output_gb": out_bytes / 1e9,
+        **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()},
+    }
     row["rss_over_imports_mb"] = row["siglip_convert_peak_rss_mb"] - row["imports_peak_rss_mb"]
     row["wall_vs_cp"] = row["siglip_convert_wall_s"] / row["cp_wall_s"]
     row["speedup_vs_transformers"] = row["transformers_wall_s"] / row["siglip_convert_wall_s"]
@@ -376,7 +395,12 @@ def markdown(results: dict[str, Any]) -> str:
         )
         lines.append("")
     if results.get("cuda"):
-        lines += ["### CUDA", "", "| dtype | batch | ours | ours compiled | transformers sdpa | MFU ours | MFU compiled |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "### CUDA",
+            "",
+            "| dtype | batch | ours | ours compiled | transformers sdpa | MFU ours | MFU compiled |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in results["cuda"]["rows"]:
             lines.append(
                 f"| {r['dtype']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ours_compiled_img_s']:.1f} | "

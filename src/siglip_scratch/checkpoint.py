@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -251,20 +252,33 @@ def _index_sharded(index_file: Path, vision_only: bool) -> dict[str, TensorInfo]
 
 
 def load_tensors(infos: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """Read the given tensors (validated headers) from disk, keyed like ``infos``."""
-    from safetensors import SafetensorError, safe_open
+    """The given tensors (validated headers), keyed like ``infos``, without copying them.
 
+    Each file is mapped copy-on-write (``mmap.ACCESS_COPY``): tensors are views of the page cache,
+    so loading costs no copy and the memory stays file-backed, and writing to a tensor changes
+    private pages, never the file. (Replacing a file in place while a model uses it is unsafe, as
+    with any mmap; the converter always writes a new file and renames it.)
+    """
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for name, info in infos.items():
         by_file.setdefault(info.file, []).append((name, info))
     out: dict[str, torch.Tensor] = {}
     for file, items in by_file.items():
         try:
-            with safe_open(str(file), framework="pt") as fh:
-                for name, info in items:
-                    out[name] = fh.get_tensor(info.key)
-        except SafetensorError as exc:
-            raise CheckpointError(f"cannot read tensors: {exc}", str(file), "re-download the file") from None
+            with open(file, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(fh.fileno()).st_size else None
+        except OSError as exc:
+            raise SourceError(f"cannot map the file ({exc.strerror})", str(file), None) from None
+        for name, info in items:
+            dtype, itemsize = SAFETENSORS_DTYPES[info.dtype]
+            count = info.nbytes // itemsize
+            if count == 0 or mapped is None:
+                out[name] = torch.empty(info.shape, dtype=dtype)
+            elif info.start % itemsize == 0:
+                out[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=info.start).view(info.shape)
+            else:  # misaligned for its dtype (allowed by the format, never written by safetensors): copy
+                raw = bytearray(mapped[info.start : info.end])
+                out[name] = torch.frombuffer(raw, dtype=dtype).view(info.shape)
     return out
 
 

@@ -6,6 +6,7 @@ the meta device, the checkpoint's tensors are checked (every key, every shape) a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -209,10 +210,15 @@ def _init_unset_parameters(model: SiglipVisionModel) -> None:
 
 
 def expected_shapes(config: SiglipVisionConfig) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of the model for ``config`` and its shape (computed on meta)."""
+    """Every state-dict key of the model for ``config`` and its shape (computed once per config, on meta)."""
+    return dict(_expected_shapes(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(config: SiglipVisionConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
         model = SiglipVisionModel(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def synthetic_state_dict(

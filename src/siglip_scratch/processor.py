@@ -8,6 +8,7 @@ PIL resize on uint8, rescale in float64 then float32, normalize in float32.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -82,15 +83,34 @@ class SiglipImageProcessor:
     transparency: str = "white"
 
     def __post_init__(self) -> None:
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         if self.transparency not in ("white", "drop"):
             raise ConfigError(f"unknown transparency {self.transparency!r}", "transparency", 'use "white" or "drop"')
-        if len(self.size) != 2 or not all(isinstance(s, int) and s > 0 for s in self.size):
-            raise ConfigError(f"size must be two positive integers, got {self.size!r}", "size", None)
-        if self.resample not in _RESAMPLE_NAMES:
+        size = self.size
+        if not (
+            isinstance(size, tuple)
+            and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            raise ConfigError(f"size must be two positive integers, got {size!r}", "size", None)
+        if (
+            isinstance(self.resample, bool)
+            or not isinstance(self.resample, int)
+            or self.resample not in _RESAMPLE_NAMES
+        ):
             raise ConfigError(f"unknown resample code {self.resample!r}", "resample", "use 2 (bilinear) or 3 (bicubic)")
+        for name in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name, None)
+        if not number(self.rescale_factor) or self.rescale_factor <= 0:
+            raise ConfigError(
+                f"rescale_factor must be a positive number, got {self.rescale_factor!r}", "rescale_factor", None
+            )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+            if not (isinstance(value, tuple) and len(value) == 3 and all(number(v) for v in value)):
                 raise ConfigError(f"{name} must be three numbers, got {value!r}", name, None)
         if any(s == 0 for s in self.image_std):
             raise ConfigError("image_std must not contain 0", "image_std", None)
@@ -114,6 +134,8 @@ class SiglipImageProcessor:
                 value = _parse_size(value, source)
             elif key in ("image_mean", "image_std"):
                 value = tuple(value) if isinstance(value, list) else (value,) * 3
+            elif key == "resample" and isinstance(value, float) and value.is_integer():
+                value = int(value)
             elif key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb") and not isinstance(value, bool):
                 if value is None and key == "do_convert_rgb":
                     continue
@@ -204,6 +226,8 @@ def _parse_size(value: Any, source: str) -> tuple[int, int]:
         return (value, value)
     if isinstance(value, dict) and "height" in value and "width" in value:
         return (value["height"], value["width"])
+    if isinstance(value, list) and len(value) == 2:
+        return (value[0], value[1])
     if isinstance(value, dict) and "shortest_edge" in value:
         raise ConfigError(
             "size with shortest_edge is not a SigLIP preprocessing", f"{source}: size", "use height and width"
