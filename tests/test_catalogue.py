@@ -4,6 +4,8 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
+
 from .catalogue import COVERED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +18,12 @@ def catalogue_ids() -> list[str]:
 
 def test_every_catalogued_error_has_a_test():
     # Import every test module so all @covers decorators have run, whatever subset pytest selected.
+    # A module that skips itself at import (an optional dependency) covers nothing: tolerate it.
     for path in sorted((ROOT / "tests").glob("test_*.py")):
-        importlib.import_module(f"tests.{path.stem}")
+        try:
+            importlib.import_module(f"tests.{path.stem}")
+        except pytest.skip.Exception:
+            pass
     ids = catalogue_ids()
     assert len(ids) == len(set(ids)), "duplicate IDs in docs/ERRORS.md"
     assert len(ids) >= 60
