@@ -111,11 +111,11 @@ def plan_conversion(
     if isinstance(store, NpzStore):
         layout, rows, root, drops, notes = _npz_layout(keys, str(weights))
         planned, used = _apply_table(rows, store, root, keys, use_head=not no_head)
-        inferred = _infer_config(store, root, "npz")
+        inferred = _infer_config(store, root, "npz") if override is None else None
     elif _looks_timm(keys):
         layout, root, drops, notes = _timm_layout(keys)
         planned, used = _apply_table(TIMM_TABLE, store, root, keys, use_head=not no_head)
-        inferred = _infer_config(store, root, "timm")
+        inferred = _infer_config(store, root, "timm") if override is None else None
     else:
         layout, planned, used, drops, notes = _hf_layout(store)
         inferred = None
@@ -138,11 +138,13 @@ def plan_conversion(
         config = config.replace(vision_use_head=False)
         planned = [p for p in planned if not p.key.startswith("vision_model.head.")]
     check_state_shapes(expected_shapes(config), {p.key: p.shape for p in planned}, str(weights))
-    order = list(expected_shapes(config))
-    planned.sort(key=lambda p: order.index(p.key))
+    order = {key: i for i, key in enumerate(expected_shapes(config))}
+    planned.sort(key=lambda p: order[p.key])
 
     preprocessor, pre_from = _preprocessor(folder, kind, config, source, inputs)
-    if inferred is not None and override is None:
+    if override is not None:
+        notes.append(f"config from --config {config_file}")
+    elif inferred is not None:
         notes.append("config inferred from tensor shapes (pass --config to set it)")
     return Plan(
         kind=kind,

@@ -172,6 +172,13 @@ def compare(
         )
     )
     config = w.config
+    mixed = sorted({str(t.dtype) for t in w.state_dict.values() if t.is_floating_point() and t.dtype != DTYPES[name]})
+    if mixed:
+        raise InputError(
+            f"weights are {', '.join(mixed)} but the run is {name}",
+            "weights",
+            f"load them with resolve_weights(..., dtype={name!r}) or pass dtype to match",
+        )
     if pixel_values is None:
         pixel_values = make_pixels(config, images=images, batch=batch, seed=seed)
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():

@@ -259,6 +259,18 @@ def test_timm_and_open_clip_layouts(tmp_path, prefix, capsys):
         assert_exact(converted(x).pooler_output, ours(x).pooler_output, "timm -> ours")
 
 
+def test_timm_of_unknown_width_needs_and_takes_config(tmp_path, capsys):
+    cfg = TINY.replace(hidden_size=96, num_attention_heads=6)  # width 96: not a known SigLIP head count
+    state = synthetic_state_dict(cfg, seed=3)
+    torch.save(layouts.to_timm(state, cfg), tmp_path / "model.pt")
+    assert convert_main([str(tmp_path / "model.pt"), str(tmp_path / "a")]) == 2
+    assert "cannot infer the head count" in capsys.readouterr().err
+    cfg.save_pretrained(tmp_path)
+    assert convert_main([str(tmp_path / "model.pt"), str(tmp_path / "b"), "--config", str(tmp_path / "config.json")]) == 0
+    assert SiglipVisionConfig.from_pretrained(tmp_path / "b") == cfg
+    assert_same_tensors(read_folder(tmp_path / "b"), state)
+
+
 # -- hub: a cache built here, and a hub served on 127.0.0.1 ---------------------------------------------------
 # huggingface_hub reads HF_* variables when it is imported, so these run the real CLI in a subprocess
 # with the environment a user would have.
