@@ -266,7 +266,9 @@ def test_timm_of_unknown_width_needs_and_takes_config(tmp_path, capsys):
     assert convert_main([str(tmp_path / "model.pt"), str(tmp_path / "a")]) == 2
     assert "cannot infer the head count" in capsys.readouterr().err
     cfg.save_pretrained(tmp_path)
-    assert convert_main([str(tmp_path / "model.pt"), str(tmp_path / "b"), "--config", str(tmp_path / "config.json")]) == 0
+    assert (
+        convert_main([str(tmp_path / "model.pt"), str(tmp_path / "b"), "--config", str(tmp_path / "config.json")]) == 0
+    )
     assert SiglipVisionConfig.from_pretrained(tmp_path / "b") == cfg
     assert_same_tensors(read_folder(tmp_path / "b"), state)
 
