@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 import siglip_scratch
-from siglip_scratch.errors import InputError, OutputError
+from siglip_scratch.errors import InputError, OutputError, SiglipScratchError
 
 from .sources import Plan, plan_conversion
 from .writer import OutputFolder, WrittenFile, disk_full, parse_size, sha256_file, write_json, write_safetensors
@@ -79,7 +80,8 @@ def convert(
     bar = _progress(total, progress)
     result = ConvertResult(Path(output_dir), plan)
     pool = ThreadPoolExecutor(max_workers=1)  # input hashes, concurrently with the writes
-    pending = {str(f.path): pool.submit(sha256_file, f.path) for f in plan.inputs if f.sha256 is None}
+    stop = threading.Event()  # set on failure so the worker does not hash gigabytes for nothing
+    pending = {str(f.path): pool.submit(sha256_file, f.path, stop=stop) for f in plan.inputs if f.sha256 is None}
     try:
         with folder as tmp:
             try:
@@ -108,12 +110,17 @@ def convert(
                 write_json(
                     tmp / "conversion.json", _record(source, plan, inputs, result.files, dtype, no_head, shard_limit)
                 )
+            except SiglipScratchError:
+                raise  # SourceError/OutputError are OSErrors too: keep their own message
             except OSError as exc:
                 if disk_full(exc):
                     raise OutputError(
                         "disk full (or file size limit) while writing", str(output_dir), "free space"
                     ) from None
                 raise OutputError(f"cannot write output ({exc.strerror})", str(output_dir), None) from None
+    except BaseException:
+        stop.set()
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar(None)

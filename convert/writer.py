@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,12 +251,13 @@ def _tensor_chunks(p: Planned, dtype: torch.dtype) -> Iterator[memoryview | byte
     yield _tensor_bytes(t)
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 16 << 20, stop: threading.Event | None = None) -> str:
+    """sha256 of a file; returns early (with a meaningless digest) once ``stop`` is set."""
     digest = hashlib.sha256()
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
+        while (n := fh.readinto(buf)) and not (stop is not None and stop.is_set()):
             digest.update(view[:n])
     return digest.hexdigest()
 
