@@ -15,9 +15,10 @@ import torch
 
 import siglip_scratch
 from siglip_scratch.errors import InputError, OutputError, SiglipScratchError
+from siglip_scratch.files import sha256_file
 
 from .sources import Plan, plan_conversion
-from .writer import OutputFolder, WrittenFile, disk_full, parse_size, sha256_file, write_json, write_safetensors
+from .writer import OutputFolder, WrittenFile, disk_full, parse_size, write_json, write_safetensors
 
 __all__ = ["ConvertResult", "convert"]
 

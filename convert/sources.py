@@ -7,7 +7,6 @@ matches the config. Tensor data is only read later, one tensor at a time, by the
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -21,6 +20,7 @@ import torch
 from siglip_scratch.checkpoint import INDEX_NAME, PREFIX_RULES, WEIGHTS_NAME, TensorInfo, check_state_shapes
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
+from siglip_scratch.files import read_json
 from siglip_scratch.modeling import expected_shapes
 from siglip_scratch.processor import BICUBIC, BILINEAR, SiglipImageProcessor
 
@@ -417,10 +417,7 @@ def _preprocessor(
 ) -> tuple[dict[str, Any], str]:
     file = folder / "preprocessor_config.json"
     if kind in ("hf-folder", "hub") and file.is_file():
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"not valid JSON ({exc})", str(file), "fix or delete it") from None
+        data = read_json(file, what="preprocessor_config.json", error=ConfigError, fix="fix or delete it")
         SiglipImageProcessor.from_dict(data, source=str(file))  # validate before copying
         inputs.append(InputFile(file, _hub_blob_sha256(file)))
         return data, f"copied from {file}"

@@ -7,6 +7,7 @@ copied byte for byte. Only the tensors the converter asks for are ever read.
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 import zipfile
@@ -28,22 +29,22 @@ from siglip_scratch.errors import CheckpointError, SourceError
 __all__ = ["NpzStore", "SafetensorsStore", "Store", "TorchPickleStore"]
 
 
-class Store:
-    """Keys, shapes and dtypes up front; tensors on demand."""
+class Store(abc.ABC):
+    """Keys, shapes and dtypes up front; tensors on demand. One subclass per file format."""
 
     files: list[Path]
 
-    def keys(self) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def keys(self) -> list[str]: ...
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
-    def dtype(self, key: str) -> torch.dtype:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def dtype(self, key: str) -> torch.dtype: ...
 
-    def load(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(self, key: str) -> torch.Tensor: ...
 
     def raw(self, key: str) -> TensorInfo | None:
         """The byte range of an unmodified tensor, when the format allows a plain copy."""

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,17 +248,6 @@ def _tensor_chunks(p: Planned, dtype: torch.dtype) -> Iterator[memoryview | byte
     if t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)
     yield _tensor_bytes(t)
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20, stop: threading.Event | None = None) -> str:
-    """sha256 of a file; returns early (with a meaningless digest) once ``stop`` is set."""
-    digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb") as fh:
-        while (n := fh.readinto(buf)) and not (stop is not None and stop.is_set()):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: object) -> WrittenFile:

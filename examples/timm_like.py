@@ -140,9 +140,10 @@ class TimmLikeSiglip(nn.Module):
                 out[f"attn_pool.norm.{part}"] = sd[h + f"layernorm.{part}"]
                 out[f"attn_pool.mlp.fc1.{part}"] = sd[h + f"mlp.fc1.{part}"]
                 out[f"attn_pool.mlp.fc2.{part}"] = sd[h + f"mlp.fc2.{part}"]
+        # Not strict: what did not fit is returned for the harness to report, not dropped.
         result = self.load_state_dict(out, strict=False)
         used = {k for k in sd if not k.startswith(p + "head.") or self.attn_pool is not None}
-        return sorted(result.missing_keys), sorted(set(sd) - used)
+        return sorted(result.missing_keys), sorted((set(sd) - used) | set(result.unexpected_keys))
 
 
 def build(config: dict) -> TimmLikeSiglip:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from torch import nn
 
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import InputError
+from siglip_scratch.files import read_json
 
 from .sites import RenameRules, apply_rename, compile_rename
 
@@ -79,12 +79,7 @@ def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.M
 
 def load_rename_map(path: str | Path) -> RenameRules:
     path = Path(path)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("rename map not found", str(path), "check the path") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"rename map is not valid JSON ({exc})", str(path), "fix the file") from None
+    spec = read_json(path, what="rename map", error=InputError, fix="fix the file")
     return compile_rename(spec, str(path))
 
 
@@ -136,7 +131,11 @@ def load_weights_into(
             )
         assign[key] = tensor
         used.add(canonical)
-    candidate.load_state_dict(assign, strict=False, assign=True)
+    # strict=False because the candidate may lack weights (its keys without a canonical tensor); those
+    # are exactly `missing`, reported in the result and failing the verdict, as are the checkpoint
+    # tensors nobody took (`unexpected`). `assign` holds only the candidate's own keys.
+    result = candidate.load_state_dict(assign, strict=False, assign=True)
+    assert sorted(result.missing_keys) == sorted(missing) and not result.unexpected_keys
     unexpected = sorted(set(state_dict) - used)
     return LoadResult(sorted(missing), unexpected)
 

@@ -78,7 +78,12 @@ def build_reference(
             "transformers.SiglipVisionModel",
             "report this: the reference layout changed",
         )
-    model.load_state_dict(mapped, strict=False, assign=True)
+    # strict=False only because non-persistent buffers (position_ids) are rebuilt below; every
+    # parameter must still be filled, and the result is checked, not dropped.
+    result = model.load_state_dict(mapped, strict=False, assign=True)
+    left = sorted(set(result.missing_keys) - {n for n, _ in model.named_buffers()}) + sorted(result.unexpected_keys)
+    if left:
+        raise InputError(f"reference left keys unloaded: {left[:5]}", "transformers.SiglipVisionModel", "report this")
     device = next(iter(state_dict.values())).device
     # Non-persistent buffers (position_ids) were created on meta; rebuild them for real.
     for mod_name, module in model.named_modules():

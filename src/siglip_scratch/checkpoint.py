@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, SourceError
+from .files import read_json
 
 __all__ = [
     "SAFETENSORS_DTYPES",
@@ -178,12 +179,7 @@ WEIGHTS_NAME = "model.safetensors"
 def read_index(index_file: Path) -> dict[str, Path]:
     """``weight_map`` of a sharded checkpoint index: key -> shard path (shards not opened)."""
     where = str(index_file)
-    try:
-        data = json.loads(index_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceError("index file not found", where, None) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"index is not valid JSON ({exc})", where, "re-download it") from None
+    data = read_json(index_file, what="index", error=CheckpointError, fix="re-download it")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

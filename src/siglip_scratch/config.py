@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SourceError
+from .errors import ConfigError
+from .files import read_json
 
 __all__ = ["PRESETS", "SUPPORTED_ACTIVATIONS", "SiglipVisionConfig", "get_preset"]
 
@@ -170,12 +171,9 @@ class SiglipVisionConfig:
         """Read ``config.json`` from a folder, or a config JSON file given directly."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise SourceError("no config.json found", str(file), "pass a model folder or a config JSON file")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"config is not valid JSON: {exc}", str(file), "fix or re-download the file") from None
+        data = read_json(
+            file, what="config.json", error=ConfigError, missing_fix="pass a model folder or a config JSON file"
+        )
         return cls.from_dict(data, source=str(file))
 
     def to_dict(self) -> dict[str, Any]:

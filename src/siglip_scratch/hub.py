@@ -9,7 +9,6 @@ client's exceptions into one-line `SourceError`s that say what to do.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, map_vision_keys, read_index
 from .errors import SourceError
+from .files import sha256_file
 
 __all__ = ["RETRIES", "download_vision_checkpoint", "hub_file"]
 
@@ -64,14 +64,6 @@ def quiet_hub_logs() -> None:
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _forget(path: Path) -> None:
@@ -155,7 +147,7 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, option
         expected = path.resolve().name
         if not _SHA256.fullmatch(expected):
             return path  # a small git-tracked file: the hub gives no sha256 for it
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual == expected:
             return path
         _forget(path)

@@ -7,7 +7,6 @@ PIL resize on uint8, rescale in float64 then float32, normalize in float32.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import SiglipVisionConfig
 from .errors import ConfigError, InputError, SourceError
+from .files import read_json
 
 __all__ = ["SiglipImageProcessor", "load_image", "to_rgb"]
 
@@ -150,12 +150,7 @@ class SiglipImageProcessor:
     def from_pretrained(cls, path: str | os.PathLike[str]) -> SiglipImageProcessor:
         path = Path(path)
         file = path / "preprocessor_config.json" if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SourceError("no preprocessor_config.json", str(file), "pass the model folder") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"not valid JSON ({exc})", str(file), "fix or re-download it") from None
+        data = read_json(file, what="preprocessor_config.json", error=ConfigError, missing_fix="pass the model folder")
         return cls.from_dict(data, source=str(file))
 
     def to_dict(self) -> dict[str, Any]:
