@@ -67,6 +67,11 @@ class Plan:
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     dropped: int = 0
+    # For --verify: the source's family ("big_vision", "timm" or "hf"), the prefix of its vision tower
+    # in the source's own key names, and the open store to read it by those names.
+    family: str = "hf"
+    root: str = ""
+    store: Store | None = None
 
 
 def plan_conversion(
@@ -108,11 +113,14 @@ def plan_conversion(
     store = _open_store(weights)
     inputs += [InputFile(f, _hub_blob_sha256(f)) for f in store.files]
     keys = store.keys()
+    family, root = "hf", ""
     if isinstance(store, NpzStore):
+        family = "big_vision"
         layout, rows, root, drops, notes = _npz_layout(keys, str(weights))
         planned, used = _apply_table(rows, store, root, keys, use_head=not no_head)
         inferred = _infer_config(store, root, "npz") if override is None else None
     elif _looks_timm(keys):
+        family = "timm"
         layout, root, drops, notes = _timm_layout(keys)
         planned, used = _apply_table(TIMM_TABLE, store, root, keys, use_head=not no_head)
         inferred = _infer_config(store, root, "timm") if override is None else None
@@ -158,6 +166,9 @@ def plan_conversion(
         provenance=provenance,
         notes=notes,
         dropped=len(drops),
+        family=family,
+        root=root,
+        store=store,
     )
 
 

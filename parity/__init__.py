@@ -5,11 +5,12 @@ when a reference is built, so importing this package never needs it.
 """
 
 from .compare import Weights, assert_parity, compare, make_pixels, resolve_weights
-from .report import DEFAULT_TOLERANCES, Report, SiteResult
+from .report import DEFAULT_TOLERANCES, ORACLE_RULES, Report, SiteResult
 from .sites import compile_rename, site_names
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "ORACLE_RULES",
     "Report",
     "SiteResult",
     "Weights",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from siglip_scratch.files import read_json
 
 from .sites import RenameRules, apply_rename, compile_rename
 
-__all__ = ["LoadResult", "load_candidate_factory", "load_rename_map", "load_weights_into"]
+__all__ = ["CheckpointView", "LoadResult", "load_candidate_factory", "load_rename_map", "load_weights_into"]
 
 
 def load_candidate_factory(spec: str) -> Any:
@@ -87,57 +88,161 @@ def load_rename_map(path: str | Path) -> RenameRules:
 class LoadResult:
     """What happened when the shared weights were put into the candidate."""
 
-    missing_keys: list[str] = field(default_factory=list)  # candidate keys left without a weight
+    missing_keys: list[str] = field(default_factory=list)  # candidate keys without a weight (or reported so)
     unexpected_keys: list[str] = field(default_factory=list)  # checkpoint keys the candidate did not take
     via: str = "state_dict"
+    unloaded: list[str] = field(default_factory=list)  # candidate tensors still at their initial value
+    allowed_unloaded: list[str] = field(default_factory=list)  # ... that --allow-unloaded lets pass
+
+
+class CheckpointView(MutableMapping[str, torch.Tensor]):
+    """The canonical tensors as ``load_hf_state_dict`` sees them.
+
+    Every read returns a fresh copy, so a loader that scales or reorders what it gets in place changes
+    its own weights, never the tensors the reference shares; writes and deletions stay in this view.
+    Which keys were read is recorded (checkpoint tensors nobody read are reported as not taken).
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self._state = state
+        self._local: dict[str, torch.Tensor] = {}
+        self._deleted: set[str] = set()
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._local:
+            return self._local[key]
+        if key in self._deleted or key not in self._state:
+            raise KeyError(key)
+        self.read.add(key)
+        return self._state[key].clone()
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._local[key] = value
+        self._deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._local.pop(key, None)
+        self._deleted.add(key)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (k for k in self._state if k not in self._deleted and k not in self._local)
+        yield from self._local
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._local or (key in self._state and key not in self._deleted)
 
 
 def load_weights_into(
-    candidate: nn.Module, state_dict: Mapping[str, torch.Tensor], rules: RenameRules, spec: str
+    candidate: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    rules: RenameRules,
+    spec: str,
+    *,
+    allow_unloaded: Sequence[re.Pattern[str]] = (),
 ) -> LoadResult:
-    """Assign the canonical tensors to the candidate's parameters (shared storage, no copy).
+    """Put the canonical tensors into the candidate, and account for every one of its tensors.
 
-    A candidate with ``load_hf_state_dict(state_dict)`` gets the canonical dict and does its own
-    relayout (fused qkv and the like); it may return ``(missing, unexpected)`` or an object with
-    ``missing_keys``/``unexpected_keys``.
+    1. If the candidate defines ``load_hf_state_dict(view)`` (for what renaming cannot express: a fused
+       qkv, a ``[1, N, D]`` position table, a folded scale), every floating-point parameter and
+       persistent buffer is first set to NaN, then the loader runs on a `CheckpointView` (copies on
+       read) and may return ``(missing, unexpected)`` or an object with ``missing_keys``/``unexpected_keys``.
+       At this point no candidate tensor shares storage with the checkpoint, so whatever the loader
+       writes in place is its own.
+    2. Rename rules fill the rest: each candidate key still unfilled whose renamed name is a canonical
+       tensor of the same shape gets that tensor assigned (shared storage, no copy). The loader's
+       version of a tensor wins over the rules'.
+    3. Whatever is still NaN (or was never assigned) was never loaded (``unloaded``), whatever its
+       initial value was. Integer buffers (index tables) are not weights and are not checked.
     """
+    own = candidate.state_dict(keep_vars=True)  # parameters and persistent buffers: the weights
     hook = getattr(candidate, "load_hf_state_dict", None)
-    if callable(hook):
+    hook = hook if callable(hook) else None
+    weights = [k for k, t in own.items() if t.is_floating_point()]
+    used: set[str] = set()
+    missing: list[str] = []
+    unexpected: list[str] = []
+    filled: set[str] = set()
+    if hook is not None:
+        for key in weights:
+            _set_placeholder(candidate, key, own[key])
+        view = CheckpointView(state_dict)
         try:
-            returned = hook(dict(state_dict))
+            returned = hook(view)
         except Exception as exc:  # user code
             raise InputError(
                 f"candidate.load_hf_state_dict raised {type(exc).__name__}: {exc}", spec, "fix the loader"
             ) from None
         missing, unexpected = _read_load_return(returned)
-        return LoadResult(sorted(missing), sorted(unexpected), via="load_hf_state_dict")
+        used |= view.read
+        after_hook = candidate.state_dict(keep_vars=True)
+        filled = {k for k in weights if k in after_hook and not _still_placeholder(after_hook[k])}
 
-    own = candidate.state_dict()
+    current = candidate.state_dict(keep_vars=True)
     assign: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    for key, current in own.items():
+    for key, tensor_now in current.items():
+        if key in filled:
+            continue
         canonical = apply_rename(key, rules)
         tensor = state_dict.get(canonical)
         if tensor is None:
-            missing.append(key)
             continue
-        if tuple(tensor.shape) != tuple(current.shape):
+        if tuple(tensor.shape) != tuple(tensor_now.shape):
+            if hook is not None:
+                continue  # a layout the loader was meant to convert; unloaded if it did not
             raise InputError(
-                f"candidate parameter {key!r} has shape {list(current.shape)} but {canonical!r} is "
+                f"candidate parameter {key!r} has shape {list(tensor_now.shape)} but {canonical!r} is "
                 f"{list(tensor.shape)}",
                 spec,
                 "fix the rename map, or define load_hf_state_dict(state_dict) for layouts renaming cannot express",
             )
         assign[key] = tensor
         used.add(canonical)
-    # strict=False because the candidate may lack weights (its keys without a canonical tensor); those
-    # are exactly `missing`, reported in the result and failing the verdict, as are the checkpoint
-    # tensors nobody took (`unexpected`). `assign` holds only the candidate's own keys.
-    result = candidate.load_state_dict(assign, strict=False, assign=True)
-    assert sorted(result.missing_keys) == sorted(missing) and not result.unexpected_keys
-    unexpected = sorted(set(state_dict) - used)
-    return LoadResult(sorted(missing), unexpected)
+    if assign:
+        # strict=False: `assign` holds only the keys the rules could fill; everything else was filled
+        # by the loader or is reported below as unloaded, never silently dropped.
+        result = candidate.load_state_dict(assign, strict=False, assign=True)
+        assert not result.unexpected_keys and set(result.missing_keys) == set(current) - set(assign)
+
+    after = candidate.state_dict(keep_vars=True)
+    loaded = filled | set(assign)
+    unloaded = sorted(k for k in weights if k not in loaded or k not in after or _still_placeholder(after[k]))
+    allowed = [k for k in unloaded if any(p.fullmatch(k) for p in allow_unloaded)]
+    if hook is None:
+        missing = list(unloaded)
+        via = "rename" if rules else "state_dict"
+    else:
+        via = "load_hf_state_dict + rename" if assign and rules else "load_hf_state_dict"
+    return LoadResult(
+        missing_keys=sorted(set(missing) - set(allowed)),
+        unexpected_keys=sorted((set(state_dict) - used) | set(unexpected)),
+        via=via,
+        unloaded=[k for k in unloaded if k not in allowed],
+        allowed_unloaded=allowed,
+    )
+
+
+def _owner(module: nn.Module, key: str) -> tuple[nn.Module, str]:
+    path, _, name = key.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
+
+
+def _set_placeholder(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, name = _owner(module, key)
+    placeholder = torch.full(tensor.shape, float("nan"), dtype=tensor.dtype, device=tensor.device)
+    if name in owner._parameters and owner._parameters[name] is not None:
+        owner._parameters[name].data = placeholder  # keep the Parameter object (ties, optimiser refs)
+    else:
+        owner._buffers[name] = placeholder
+
+
+def _still_placeholder(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and bool(torch.isnan(tensor.detach()).any())
 
 
 def _read_load_return(returned: object) -> tuple[list[str], list[str]]:

@@ -1,7 +1,8 @@
 """``siglip-parity``: compare an encoder with transformers site by site and gate CI.
 
 Exit codes: 0 every site passes, 1 a parity failure (or the golden reference moved), 2 a usage or
-input error (one line on stderr, no traceback unless --debug).
+input error (one line on stderr, no traceback unless --debug), 3 an internal error (a bug in
+siglip-scratch: one line, --debug for the traceback).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="siglip-parity",
         description="Compare a SigLIP vision encoder with transformers.SiglipVisionModel, site by site.",
-        epilog="Exit codes: 0 pass, 1 parity failure, 2 usage or input error.",
+        epilog="Exit codes: 0 pass, 1 parity failure, 2 usage or input error, 3 internal error.",
     )
     src = p.add_argument_group("weights (exactly one)")
     src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
@@ -32,17 +33,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate", metavar="MODULE:FACTORY", help="module.path:factory or file.py:factory (default: ours)"
     )
     cand.add_argument("--rename", metavar="MAP.json", help='{"rename": [["regex", "replacement"], ...]}')
+    cand.add_argument(
+        "--allow-unloaded",
+        metavar="REGEX",
+        action="append",
+        default=[],
+        help="candidate parameters (full-match regex on their key) that may stay unloaded; repeatable. "
+        "Without it, any parameter the checkpoint did not fill fails the run",
+    )
 
     run = p.add_argument_group("run")
-    run.add_argument("--mode", choices=["propagated", "isolated"], default="propagated")
-    run.add_argument("--depth", choices=["coarse", "fine"], default="coarse")
-    run.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    run.add_argument(
+        "--mode",
+        choices=["both", "propagated", "isolated"],
+        default="both",
+        help="isolated: each candidate site gets the reference's input to it (exact blame); propagated: both "
+        "run end to end (the accumulated effect); both (default): the two, failing if either fails",
+    )
+    run.add_argument(
+        "--depth",
+        choices=["coarse", "fine"],
+        default="coarse",
+        help="coarse (default): embeddings, each layer, post_layernorm, head; fine: also each layer's "
+        "layer_norm1, self_attn, layer_norm2 and mlp",
+    )
+    run.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    run.add_argument(
+        "--attn",
+        choices=["sdpa", "eager"],
+        default="sdpa",
+        help="the reference's attention implementation, and ours when we are the candidate (default sdpa)",
+    )
     run.add_argument("--images", nargs="+", metavar="FILE", help="images through our image processor")
     run.add_argument("--batch", type=int, default=2, help="random images when --images is not given (default 2)")
-    run.add_argument("--atol", type=float, help="absolute tolerance (default per dtype)")
-    run.add_argument("--rtol", type=float, help="tolerance relative to the site's max |x| (default per dtype)")
+    run.add_argument(
+        "--atol",
+        type=float,
+        help="switch from the float64-oracle rule to the absolute rule max|Δ| <= atol + rtol·max|x_ref| "
+        "(the one not given takes its per-dtype default; the report says which rule judged)",
+    )
+    run.add_argument("--rtol", type=float, help="see --atol")
 
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -93,6 +124,7 @@ def _main(args: argparse.Namespace) -> int:
         atol=args.atol,
         rtol=args.rtol,
         revision=args.revision,
+        allow_unloaded=args.allow_unloaded,
     )
     print(report.verdict if args.quiet else report.table())
     for target, text in ((args.json, report.to_json), (args.markdown, report.to_markdown)):

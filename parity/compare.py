@@ -1,16 +1,25 @@
 """`compare`: run the reference and a candidate on the same input and weights, site by site.
 
 The weights are loaded (or generated) once, cast once, and *assigned* to both models, so the two
-share storage. The reference runs first with hooks recording each site's input and output; the
-candidate then runs with hooks that measure each site against the reference as soon as it is
-produced (and, in isolated mode, feed it the reference's input first).
+share storage. Order matters for trust:
+
+1. the shared tensors are fingerprinted (crc32 of their bytes);
+2. the reference runs, with hooks recording each site's input and output;
+3. the float64 oracle runs (isolated and/or propagated truth, `oracle.py`) and each site is reduced
+   to the reference's own error;
+4. only then is candidate code run: it is built, loaded (`candidate.load_weights_into`) and run,
+   each site measured against the reference and the oracle as soon as it is produced;
+5. the fingerprint is checked: a candidate that changed a shared tensor in place fails loudly (its
+   verdict is still against the untouched reference, which ran before it).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,14 +32,16 @@ from siglip_scratch.modeling import SiglipVisionModel, load_vision_state_dict, s
 from siglip_scratch.processor import SiglipImageProcessor
 
 from .candidate import LoadResult, build_candidate, load_candidate_factory, load_weights_into
+from .oracle import SiteTruth, run_oracle
 from .reference import build_reference, canonical_name, reference_prefix, transformers_version
-from .report import DEFAULT_TOLERANCES, Report, SiteResult, measure
+from .report import Report, Rule, SiteResult, measure
 from .sites import (
     Depth,
     RenameRules,
     apply_rename,
     first_tensor,
     hooks,
+    input_tensor,
     named_sites,
     replace_first_tensor,
     site_names,
@@ -38,9 +49,10 @@ from .sites import (
 
 __all__ = ["DTYPES", "Weights", "assert_parity", "compare", "make_pixels", "resolve_weights"]
 
-Mode = Literal["propagated", "isolated"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+Mode = Literal["both", "propagated", "isolated"]
+MODES = ("both", "propagated", "isolated")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp64": "float64"}
 
 
 @dataclass
@@ -51,6 +63,23 @@ class Weights:
     state_dict: dict[str, torch.Tensor]
     source: str
     synthetic: bool
+    # Shared tensors a candidate changed in place: these Weights no longer hold the checkpoint.
+    tainted: list[str] = field(default_factory=list)
+
+
+def weight_fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """crc32 of every tensor's bytes (about 3 GB/s): any in-place change, scaling or reordering shows."""
+    out = {}
+    for key, t in state.items():
+        flat = t.detach().reshape(-1)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        out[key] = zlib.crc32(memoryview(flat.contiguous().view(torch.uint8).numpy()))
+    return out
+
+
+def nonfinite_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -121,7 +150,7 @@ def compare(
     seed: int = 0,
     candidate: nn.Module | Callable[..., nn.Module] | str | None = None,
     rename: RenameRules | None = None,
-    mode: Mode = "propagated",
+    mode: Mode = "both",
     depth: Depth = "coarse",
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
@@ -132,6 +161,7 @@ def compare(
     atol: float | None = None,
     rtol: float | None = None,
     revision: str | None = None,
+    allow_unloaded: Sequence[str] = (),
 ) -> Report:
     """Compare a candidate with ``transformers.SiglipVisionModel`` site by site.
 
@@ -141,16 +171,19 @@ def compare(
         candidate: None for our encoder; an ``nn.Module``; a factory (``f(config_dict)`` or ``f()``);
             or a ``"module.path:factory"`` string.
         rename: compiled rename rules (see `sites.compile_rename`) from candidate names to canonical.
-        mode: ``propagated`` (both run end to end) or ``isolated`` (each candidate site gets the
-            reference's input to that site).
+        mode: ``both`` (default: isolated for blame, propagated for the end-to-end effect; fails if
+            either fails), ``propagated`` (both run end to end) or ``isolated`` (each candidate site
+            gets the reference's input to that site).
         depth: ``coarse`` (embeddings, layers, post_layernorm, head) or ``fine`` (also each layer's
             layer_norm1, self_attn, layer_norm2, mlp).
-        atol / rtol: override the dtype's defaults in `DEFAULT_TOLERANCES`.
+        atol / rtol: switch from the float64-oracle rule to the absolute rule
+            ``max|Δ| <= atol + rtol·max|x_ref|`` (the one not given takes its per-dtype default).
+        allow_unloaded: regexes (full match) of candidate keys that may stay unloaded.
     Returns:
         The `Report`; ``report.passed`` is the verdict.
     """
-    if mode not in ("propagated", "isolated"):
-        raise InputError(f"unknown mode {mode!r}", "--mode", "use propagated or isolated")
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}", "--mode", f"use one of {', '.join(MODES)}")
     if depth not in ("coarse", "fine"):
         raise InputError(f"unknown depth {depth!r}", "--depth", "use coarse or fine")
     if attn not in ("sdpa", "eager"):
@@ -158,11 +191,10 @@ def compare(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("CUDA is not available on this machine", "--device", "use --device cpu")
     name = dtype_name(dtype)
-    default_atol, default_rtol = DEFAULT_TOLERANCES[name]
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
-    if atol < 0 or rtol < 0:
+    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise InputError("tolerances must be >= 0", "--atol/--rtol", None)
+    rule = Rule(name, atol, rtol)
+    allowed = _compile_patterns(allow_unloaded)
 
     w = (
         weights
@@ -171,6 +203,12 @@ def compare(
             weights=weights, model=model, preset=preset, seed=seed, dtype=name, device=device, revision=revision
         )
     )
+    if w.tainted:
+        raise InputError(
+            f"these weights were changed in place by an earlier candidate ({', '.join(w.tainted[:3])})",
+            w.source,
+            "load them again; a candidate must copy a tensor before modifying it",
+        )
     config = w.config
     mixed = sorted({str(t.dtype) for t in w.state_dict.values() if t.is_floating_point() and t.dtype != DTYPES[name]})
     if mixed:
@@ -192,16 +230,44 @@ def compare(
         )
     # Both sides get the pixels in the run's dtype (the reference casts them the same way).
     pixel_values = pixel_values.to(device=device, dtype=DTYPES[name])
+    fingerprint = weight_fingerprint(w.state_dict)
+    bad_weights = nonfinite_keys(w.state_dict)
 
+    # 1. The reference and the oracle, before any candidate code has seen the weights.
+    names = site_names(config, depth)
     reference = build_reference(config, w.state_dict, attn_implementation=attn)
-    cand, cand_info, load = _prepare_candidate(candidate, config, w.state_dict, rename or [], attn)
+    ref_in, ref_out = _record_reference(reference, names, pixel_values)
+    # The oracle uses sdpa: eager attention upcasts its softmax to float32 only.
+    oracle_model = reference if attn == "sdpa" else build_reference(config, w.state_dict, attn_implementation="sdpa")
+    oracle_prefix = reference_prefix(oracle_model)
+    oracle_sites = named_sites(oracle_model, lambda n: canonical_name(n, oracle_prefix), names)
+    isolated = mode in ("isolated", "both")
+    propagated = mode in ("propagated", "both")
+    truth_iso = run_oracle(oracle_model, oracle_sites, pixel_values, ref_out, ref_in) if isolated else None
+    truth_prop = run_oracle(oracle_model, oracle_sites, pixel_values, ref_out, None) if propagated else None
+    del oracle_model, oracle_sites, reference
+
+    # 2. The candidate.
+    cand, cand_info, load = _prepare_candidate(candidate, config, w.state_dict, rename or [], attn, allowed)
     cand.to(device=device, dtype=DTYPES[name])  # a no-op for the shared tensors, already in place
     cand.eval()
+    runs = dict(rules=rename or [], ref_in=ref_in, ref_out=ref_out, rule=rule)
+    sites = _run_candidate(cand, names, pixel_values, isolated=isolated, truths=truth_iso or truth_prop, **runs)
+    prop_sites = (
+        _run_candidate(cand, names, pixel_values, isolated=False, truths=truth_prop, **runs) if mode == "both" else None
+    )
 
-    names = site_names(config, depth)
-    sites = _run(reference, cand, names, pixel_values, rename or [], mode, atol, rtol)
+    # 3. Did the candidate change what the reference ran on?
+    after = weight_fingerprint(w.state_dict)
+    mutated = sorted(k for k in fingerprint if after.get(k) != fingerprint[k])
+    if mutated:
+        w.tainted = mutated
+    notes = []
+    if load.allowed_unloaded:
+        notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
     return Report(
         sites=sites,
+        propagated_sites=prop_sites,
         reference={"impl": "transformers.SiglipVisionModel", "version": transformers_version(), "attn": attn},
         candidate={**cand_info, "loaded_via": load.via},
         weights={"source": w.source, "synthetic": w.synthetic, "kind": "synthetic" if w.synthetic else "real"},
@@ -209,7 +275,7 @@ def compare(
         device=str(device),
         mode=mode,
         depth=depth,
-        tolerance={"atol": atol, "rtol": rtol},
+        tolerance=rule.describe(),
         inputs={
             "batch": int(pixel_values.shape[0]),
             "images": [str(p) for p in images] if images else [],
@@ -219,6 +285,10 @@ def compare(
         },
         missing_keys=load.missing_keys,
         unexpected_keys=load.unexpected_keys,
+        unloaded_parameters=load.unloaded,
+        mutated_weights=mutated,
+        nonfinite_weights=bad_weights,
+        notes=notes,
     )
 
 
@@ -230,17 +300,30 @@ def assert_parity(**kwargs: Any) -> Report:
     return report
 
 
+def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise InputError(f"pattern {p!r} does not compile ({exc})", "--allow-unloaded", "fix the regex") from None
+    return out
+
+
 def _prepare_candidate(
     candidate: nn.Module | Callable[..., nn.Module] | str | None,
     config: SiglipVisionConfig,
     state: Mapping[str, torch.Tensor],
     rules: RenameRules,
     attn: str,
+    allowed: Sequence[re.Pattern[str]],
 ) -> tuple[nn.Module, dict[str, Any], LoadResult]:
     if candidate is None:
         ours = SiglipVisionModel.from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
         info = {"impl": "siglip_scratch.SiglipVisionModel", "version": siglip_scratch.__version__, "attn": attn}
-        return ours, info, LoadResult()
+        return ours, info, LoadResult(via="siglip_scratch.from_state_dict (strict)")
     spec = candidate if isinstance(candidate, str) else getattr(candidate, "__qualname__", type(candidate).__name__)
     if isinstance(candidate, str):
         candidate = load_candidate_factory(candidate)
@@ -253,29 +336,20 @@ def _prepare_candidate(
         if callable(setter):
             setter(attn)
             cand_attn = attn
-    load = load_weights_into(module, state, rules, spec)
+    load = load_weights_into(module, state, rules, spec, allow_unloaded=allowed)
     return module, {"impl": spec, "version": "", "attn": str(cand_attn)}, load
 
 
-def _run(
-    reference: nn.Module,
-    candidate: nn.Module,
-    names: list[str],
-    pixel_values: torch.Tensor,
-    rules: RenameRules,
-    mode: Mode,
-    atol: float,
-    rtol: float,
-) -> list[SiteResult]:
+def _record_reference(
+    reference: nn.Module, names: list[str], pixel_values: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     prefix = reference_prefix(reference)
     ref_sites = named_sites(reference, lambda n: canonical_name(n, prefix), names)
     ref_in: dict[str, torch.Tensor] = {}
     ref_out: dict[str, torch.Tensor] = {}
 
     def record_in(site: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = first_tensor(args) if args else None
-        if t is None:
-            t = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        t = input_tensor(args, kwargs)  # the same slot teacher forcing replaces
         if t is not None:
             ref_in[site] = t
 
@@ -289,16 +363,33 @@ def _run(
     missing_ref = [n for n in names if n not in ref_out]
     if missing_ref:
         raise InputError(f"reference did not produce sites {missing_ref}", "reference", "report this")
+    return ref_in, ref_out
 
+
+def _run_candidate(
+    candidate: nn.Module,
+    names: list[str],
+    pixel_values: torch.Tensor,
+    *,
+    isolated: bool,
+    rules: RenameRules,
+    ref_in: Mapping[str, torch.Tensor],
+    ref_out: Mapping[str, torch.Tensor],
+    truths: Mapping[str, SiteTruth] | None,
+    rule: Rule,
+) -> list[SiteResult]:
     cand_sites = named_sites(candidate, lambda n: _rename(n, rules), names)
     results: dict[str, SiteResult] = {}
+
+    def judge(site: str, tensor: torch.Tensor) -> SiteResult:
+        return measure(site, tensor, ref_out[site], truths[site] if truths is not None else None, rule)
 
     def measure_out(site: str, output: Any) -> None:
         t = first_tensor(output)
         if t is None:
             results[site] = SiteResult(site, status="shape", note=f"module returned {type(output).__name__}")
         else:
-            results[site] = measure(site, t, ref_out[site], atol, rtol)
+            results[site] = judge(site, t)
 
     def teacher_force(site: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # The embeddings site's input is the model input, which both sides already share; what
@@ -308,7 +399,7 @@ def _run(
             return None
         return replace_first_tensor(args, kwargs, ref_in[site])
 
-    on_input = teacher_force if mode == "isolated" else None
+    on_input = teacher_force if isolated else None
     try:
         with torch.inference_mode(), hooks(cand_sites, on_input=on_input, on_output=measure_out):
             output = candidate(pixel_values)
@@ -325,7 +416,7 @@ def _run(
     fallbacks = {"vision_model.post_layernorm": first_tensor(output), "vision_model.head": _pooled(output)}
     for site, tensor in fallbacks.items():
         if site in names and site not in results and tensor is not None:
-            results[site] = measure(site, tensor, ref_out[site], atol, rtol)
+            results[site] = judge(site, tensor)
             results[site].note = "from the model's output"
     return [results.get(n, SiteResult(n, status="missing", note="candidate has no such module")) for n in names]
 
@@ -335,7 +426,7 @@ def _rename(name: str, rules: RenameRules) -> str:
 
 
 def _pooled(output: Any) -> torch.Tensor | None:
-    pooled = getattr(output, "pooler_output", None)
+    pooled = output.get("pooler_output") if isinstance(output, Mapping) else getattr(output, "pooler_output", None)
     if isinstance(pooled, torch.Tensor):
         return pooled
     if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], torch.Tensor):

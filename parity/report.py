@@ -1,22 +1,42 @@
 """Per-site metrics, the pass rule, and the report in its four forms (table, JSON, Markdown, plot).
 
+The pass rule (default): every site is judged against a float64 oracle (`oracle.py`). With
+``err(x) = RMS(x − truth) / RMS(truth)`` and ``err_max(x) = max|x − truth| / max|truth|``, a site passes
+when the candidate is not much worse than transformers itself at that site::
+
+    err(cand)     <= k     · err(ref)     + floor     · u
+    err_max(cand) <= k_max · err_max(ref) + floor_max · u
+
+with ``u`` the run dtype's unit roundoff and ``k``, ``floor`` per dtype in `ORACLE_RULES` (measured in
+docs/PARITY.md). A candidate *more* accurate than the reference always passes; a bit-identical site is
+``exact``. ``atol``/``rtol`` switch to the old absolute rule (``max|Δ| <= atol + rtol · max|x_ref|``),
+and the report says so.
+
 JSON schema (stable; fields are only ever added)::
 
     {"passed": bool, "verdict": str,
      "reference": {"impl", "version", "attn"}, "candidate": {"impl", "version", "attn", "loaded_via"},
-     "weights": {"source", "synthetic"}, "dtype", "device", "mode", "depth",
-     "tolerance": {"atol", "rtol"}, "inputs": {"batch", "images", "seed", "height", "width"},
+     "weights": {"source", "synthetic", "kind"}, "dtype", "device", "mode", "depth",
+     "tolerance": {"atol", "rtol"} | {"rule": "oracle", "k", "k_max", "floor", "floor_max", "unit_roundoff"},
+     "inputs": {"batch", "images", "seed", "height", "width"},
      "first_divergent_site": str | null, "missing_keys": [..], "unexpected_keys": [..], "missing_sites": [..],
-     "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed",
-                "exact", "status", "note"}]}
+     "unloaded_parameters": [..], "mutated_weights": [..], "nonfinite_weights": [..],
+     "resolution": float | null,
+     "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
+                "note", "err_ref", "err_cand", "err_ref_max", "err_cand_max", "limit", "limit_max",
+                "nonfinite_side", "nonfinite_index"}],
+     "propagated_sites": [same as sites] | null}
 
-``status`` is one of ``exact``, ``ok``, ``fail``, ``missing``, ``shape``, ``nonfinite``. A site passes
-when ``max_abs <= atol + rtol * ref_max_abs`` and both sides are finite.
+``mode`` is ``both`` (the default: ``sites`` are the isolated comparison, which blames, and
+``propagated_sites`` the end-to-end one), ``isolated`` or ``propagated``. ``status`` is one of
+``exact``, ``ok``, ``fail``, ``missing``, ``shape``, ``nonfinite``. Numbers that are not finite are
+written as ``null``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,16 +46,61 @@ import torch
 
 from siglip_scratch.errors import InputError, OutputError
 
-__all__ = ["DEFAULT_TOLERANCES", "Report", "SiteResult", "measure"]
+from .oracle import SiteTruth, rms
 
-# Calibrated from measurements recorded in docs/PARITY.md (noise floor of correct but differently
-# ordered implementations, and the smallest planted bug they must still catch).
+__all__ = ["DEFAULT_TOLERANCES", "ORACLE_RULES", "UNIT_ROUNDOFF", "Report", "Rule", "SiteResult", "measure"]
+
+# The old absolute rule, used only when --atol/--rtol are given: (atol, rtol) per dtype.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    # dtype: (atol, rtol)
+    "float64": (1e-12, 1e-12),
     "float32": (1e-5, 5e-6),
     "bfloat16": (1e-2, 5e-2),
     "float16": (1e-3, 6e-3),
 }
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+# (k, k_max, floor, floor_max) per dtype; floors in units of the dtype's unit roundoff.
+# Measured in docs/PARITY.md ("Choosing k and the floor").
+ORACLE_RULES: dict[str, tuple[float, float, float, float]] = {
+    "float64": (2.0, 4.0, 64.0, 512.0),
+    "float32": (2.0, 4.0, 1.0, 8.0),
+    "bfloat16": (2.0, 4.0, 0.25, 2.0),
+    "float16": (2.0, 4.0, 0.25, 2.0),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a site is judged: against the float64 oracle (default), or by the absolute rule."""
+
+    dtype: str
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def absolute(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def describe(self) -> dict[str, Any]:
+        if self.absolute:
+            a, r = DEFAULT_TOLERANCES[self.dtype]
+            return {"atol": a if self.atol is None else self.atol, "rtol": r if self.rtol is None else self.rtol}
+        k, k_max, floor, floor_max = ORACLE_RULES[self.dtype]
+        return {
+            "rule": "oracle",
+            "k": k,
+            "k_max": k_max,
+            "floor": floor,
+            "floor_max": floor_max,
+            "unit_roundoff": UNIT_ROUNDOFF[self.dtype],
+        }
+
+    def limits(self, truth: SiteTruth) -> tuple[float, float]:
+        """The largest ``err`` and ``err_max`` a candidate may have at a site."""
+        k, k_max, floor, floor_max = ORACLE_RULES[self.dtype]
+        u = UNIT_ROUNDOFF[self.dtype]
+        return k * truth.err_ref + floor * u, k_max * truth.err_ref_max + floor_max * u
 
 
 @dataclass
@@ -50,33 +115,78 @@ class SiteResult:
     exact: bool = False
     status: str = "missing"
     note: str = ""
+    err_ref: float | None = None  # RMS(ref − truth) / RMS(truth)
+    err_cand: float | None = None  # RMS(cand − truth) / RMS(truth)
+    err_ref_max: float | None = None  # max|ref − truth| / max|truth|
+    err_cand_max: float | None = None
+    limit: float | None = None  # the bound on err_cand (oracle rule) or on max_abs (absolute rule)
+    limit_max: float | None = None  # the bound on err_cand_max (oracle rule)
+    nonfinite_side: str | None = None  # "candidate", "reference" or "oracle"
+    nonfinite_index: list[int] | None = None  # first non-finite element
+
+    @property
+    def ratio(self) -> float | None:
+        """err_cand / err_ref: how much worse than transformers' own rounding."""
+        if self.err_cand is None or self.err_ref is None:
+            return None
+        if self.err_ref == 0:
+            return 1.0 if self.err_cand == 0 else math.inf
+        return self.err_cand / self.err_ref
 
 
-def measure(name: str, candidate: torch.Tensor, reference: torch.Tensor, atol: float, rtol: float) -> SiteResult:
+def _first_nonfinite(t: torch.Tensor) -> list[int]:
+    bad = (~torch.isfinite(t)).nonzero()
+    return [int(i) for i in bad[0]] if len(bad) else []
+
+
+def measure(
+    name: str, candidate: torch.Tensor, reference: torch.Tensor, truth: SiteTruth | None, rule: Rule
+) -> SiteResult:
     """Compare one site. Differences are computed in float64 on the reference's device."""
     if tuple(candidate.shape) != tuple(reference.shape):
         return SiteResult(
-            name,
-            status="shape",
-            note=f"shape {list(candidate.shape)} vs reference {list(reference.shape)}",
+            name, status="shape", note=f"shape {list(candidate.shape)} vs reference {list(reference.shape)}"
         )
     a = candidate.detach().to(device=reference.device, dtype=torch.float64)
     b = reference.detach().to(torch.float64)
+    for side, t in (("reference", b), ("candidate", a)):
+        if not torch.isfinite(t).all():
+            index = _first_nonfinite(t)
+            return SiteResult(
+                name,
+                status="nonfinite",
+                note=f"{side} has NaN/Inf (first at index {index})",
+                nonfinite_side=side,
+                nonfinite_index=index,
+            )
+    if truth is not None and not truth.finite:
+        return SiteResult(name, status="nonfinite", note="the float64 oracle has NaN/Inf", nonfinite_side="oracle")
     ref_max = b.abs().max().item() if b.numel() else 0.0
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        bad = "candidate" if not torch.isfinite(a).all() else "reference"
-        return SiteResult(name, ref_max_abs=ref_max, status="nonfinite", note=f"{bad} has NaN/Inf values")
     exact = torch.equal(candidate.detach().to(reference.device), reference.detach())
-    d = (a - b).abs()
-    max_abs = d.max().item() if d.numel() else 0.0
-    mean_abs = d.mean().item() if d.numel() else 0.0
+    d = a - b
+    max_abs = d.abs().max().item() if d.numel() else 0.0
+    mean_abs = d.abs().mean().item() if d.numel() else 0.0
     norm_b = b.norm().item()
-    rel_l2 = (a - b).norm().item() / norm_b if norm_b > 0 else (0.0 if max_abs == 0 else None)
+    rel_l2 = d.norm().item() / norm_b if norm_b > 0 else (0.0 if max_abs == 0 else None)
     denom = a.norm().item() * norm_b
     cosine = (a.flatten() @ b.flatten()).item() / denom if denom > 0 else (1.0 if exact else 0.0)
-    passed = exact or max_abs <= atol + rtol * ref_max
-    status = "exact" if exact else ("ok" if passed else "fail")
-    return SiteResult(name, max_abs, mean_abs, rel_l2, cosine, ref_max, passed, exact, status)
+    result = SiteResult(name, max_abs, mean_abs, rel_l2, cosine, ref_max, exact=exact)
+    if truth is not None:
+        e = d + truth.d_ref.to(torch.float64)  # cand − truth = (cand − ref) + (ref − truth)
+        result.err_ref, result.err_ref_max = truth.err_ref, truth.err_ref_max
+        result.err_cand = rms(e) / truth.scale_rms if truth.scale_rms > 0 else (0.0 if max_abs == 0 else math.inf)
+        e_max = e.abs().max().item() if e.numel() else 0.0
+        result.err_cand_max = e_max / truth.scale_max if truth.scale_max > 0 else (0.0 if e_max == 0 else math.inf)
+    if rule.absolute:
+        tol = rule.describe()
+        result.limit = tol["atol"] + tol["rtol"] * ref_max
+        result.passed = exact or max_abs <= result.limit
+    else:
+        assert truth is not None, "the oracle rule needs the oracle's truth"
+        result.limit, result.limit_max = rule.limits(truth)
+        result.passed = exact or (result.err_cand <= result.limit and result.err_cand_max <= result.limit_max)
+    result.status = "exact" if exact else ("ok" if result.passed else "fail")
+    return result
 
 
 @dataclass
@@ -89,10 +199,19 @@ class Report:
     device: str
     mode: str
     depth: str
-    tolerance: dict[str, float]
+    tolerance: dict[str, Any]
     inputs: dict[str, Any]
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    propagated_sites: list[SiteResult] | None = None  # mode "both": the end-to-end comparison
+    unloaded_parameters: list[str] = field(default_factory=list)
+    mutated_weights: list[str] = field(default_factory=list)
+    nonfinite_weights: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def all_sites(self) -> list[SiteResult]:
+        return self.sites + (self.propagated_sites or [])
 
     @property
     def missing_sites(self) -> list[str]:
@@ -100,117 +219,222 @@ class Report:
 
     @property
     def first_divergent_site(self) -> str | None:
-        return next((s.name for s in self.sites if not s.passed), None)
+        first = self._first_failure()
+        return first.name if first else None
+
+    def _first_failure(self) -> SiteResult | None:
+        return next((s for s in self.all_sites if not s.passed), None)
 
     @property
     def passed(self) -> bool:
-        return all(s.passed for s in self.sites) and not self.missing_keys
+        return (
+            all(s.passed for s in self.all_sites)
+            and not self.unloaded_parameters
+            and not self.mutated_weights
+            and not self.nonfinite_weights
+        )
+
+    @property
+    def resolution(self) -> float | None:
+        """Under the oracle rule, the largest per-site bound on err(cand): a difference at a site smaller
+        than this fraction of the site's RMS could not have been seen."""
+        limits = [s.limit for s in self.all_sites if s.limit is not None and "rule" in self.tolerance]
+        return max(limits) if limits else None
+
+    def _run_label(self) -> str:
+        return f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}"
 
     @property
     def verdict(self) -> str:
         n = len(self.sites)
-        run = f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}"
+        run = self._run_label()
+        if self.nonfinite_weights:
+            return (
+                f"FAIL: the weights contain NaN/Inf ({', '.join(self.nonfinite_weights[:3])}"
+                f"{', …' if len(self.nonfinite_weights) > 3 else ''}); nothing can be proven ({run})"
+            )
+        if self.mutated_weights:
+            return (
+                f"FAIL: the candidate changed {len(self.mutated_weights)} shared checkpoint tensor(s) in place "
+                f"({', '.join(self.mutated_weights[:3])}); copy a tensor before modifying it ({run})"
+            )
         if self.passed:
             n_exact = sum(s.exact for s in self.sites)
-            worst = max((s.max_abs or 0.0) for s in self.sites) if self.sites else 0.0
-            if n_exact == n:
+            if all(s.exact for s in self.all_sites):
                 return f"PASS: all {n} sites exact ({run})"
-            return f"PASS: {n} sites within tolerance, {n_exact} exact, worst max|Δ| {worst:.3g} ({run})"
-        first = next(s for s in self.sites if not s.passed) if self.first_divergent_site else None
+            if "rule" in self.tolerance:
+                worst = max(self.all_sites, key=lambda s: s.ratio or 0.0)
+                res = self.resolution
+                return (
+                    f"PASS: {n} sites within the float64-oracle bound, {n_exact} exact, worst "
+                    f"{_x(worst.ratio)} transformers' own error at {worst.name}; a difference below "
+                    f"{res:.2g} of a site's RMS could not have been seen ({run})"
+                )
+            worst_abs = max((s.max_abs or 0.0) for s in self.all_sites)
+            return f"PASS: {n} sites within tolerance (absolute rule), {n_exact} exact, worst max|Δ| {worst_abs:.3g} ({run})"
+        first = self._first_failure()
         if first is None:
-            return f"FAIL: candidate has {len(self.missing_keys)} parameter(s) the checkpoint does not fill ({run})"
+            return (
+                f"FAIL: {len(self.unloaded_parameters)} candidate parameter(s) never loaded from the checkpoint: "
+                f"{', '.join(self.unloaded_parameters[:3])}{', …' if len(self.unloaded_parameters) > 3 else ''} ({run})"
+            )
+        where = " (propagated)" if self.propagated_sites and first in self.propagated_sites else ""
         if first.status == "fail":
-            limit = self.tolerance["atol"] + self.tolerance["rtol"] * (first.ref_max_abs or 0.0)
-            detail = f"max|Δ| {first.max_abs:.3g} > {limit:.3g}, rel L2 {_g(first.rel_l2)}, cosine {first.cosine:.6f}"
+            if first.err_cand is not None and "rule" in self.tolerance:
+                detail = (
+                    f"error {_x(first.ratio)} transformers' own: err {first.err_cand:.3g} vs {first.err_ref:.3g}, "
+                    f"bound {first.limit:.3g}; max|Δ| {first.max_abs:.3g}, cosine {first.cosine:.6f}"
+                )
+            else:
+                detail = f"max|Δ| {first.max_abs:.3g} > {first.limit:.3g}, rel L2 {_g(first.rel_l2)}, cosine {first.cosine:.6f}"
         else:
             detail = first.note or first.status
         n_bad = sum(not s.passed for s in self.sites)
-        return f"FAIL: first divergent site {first.name} ({detail}); {n_bad}/{n} sites fail ({run})"
+        tail = f"; {n_bad}/{n} sites fail"
+        if self.propagated_sites is not None:
+            tail += f" isolated, {sum(not s.passed for s in self.propagated_sites)}/{n} propagated"
+        if self.unloaded_parameters:
+            tail += f"; {len(self.unloaded_parameters)} parameter(s) never loaded"
+        return f"FAIL: first divergent site {first.name}{where} ({detail}){tail} ({run})"
 
     # -- renderings ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "verdict": self.verdict,
-            "reference": self.reference,
-            "candidate": self.candidate,
-            "weights": self.weights,
-            "dtype": self.dtype,
-            "device": self.device,
-            "mode": self.mode,
-            "depth": self.depth,
-            "tolerance": self.tolerance,
-            "inputs": self.inputs,
-            "first_divergent_site": self.first_divergent_site,
-            "missing_keys": self.missing_keys,
-            "unexpected_keys": self.unexpected_keys,
-            "missing_sites": self.missing_sites,
-            "sites": [asdict(s) for s in self.sites],
-        }
+        return _finite(
+            {
+                "passed": self.passed,
+                "verdict": self.verdict,
+                "reference": self.reference,
+                "candidate": self.candidate,
+                "weights": self.weights,
+                "dtype": self.dtype,
+                "device": self.device,
+                "mode": self.mode,
+                "depth": self.depth,
+                "tolerance": self.tolerance,
+                "inputs": self.inputs,
+                "first_divergent_site": self.first_divergent_site,
+                "missing_keys": self.missing_keys,
+                "unexpected_keys": self.unexpected_keys,
+                "missing_sites": self.missing_sites,
+                "unloaded_parameters": self.unloaded_parameters,
+                "mutated_weights": self.mutated_weights,
+                "nonfinite_weights": self.nonfinite_weights,
+                "notes": self.notes,
+                "resolution": self.resolution,
+                "sites": [asdict(s) for s in self.sites],
+                "propagated_sites": None
+                if self.propagated_sites is None
+                else [asdict(s) for s in self.propagated_sites],
+            }
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default) + "\n"
 
-    def _rows(self) -> list[list[str]]:
-        first = self.first_divergent_site
+    def _columns(self) -> tuple[list[str], list[list[str]]]:
+        oracle = "rule" in self.tolerance
+        first = self._first_failure()
+        prop = {s.name: s for s in self.propagated_sites} if self.propagated_sites is not None else None
+        if oracle and prop is not None:
+            header = ["", "site", "isolated err", "×ref", "propagated err", "×ref", "max|Δ|", "result"]
+        elif oracle:
+            header = ["", "site", "max|Δ|", "err cand", "err ref", "×ref", "bound", "result"]
+        else:
+            header = ["", "site", "max|Δ|", "mean|Δ|", "rel L2", "cosine", "ref max|x|", "result"]
         rows = []
         for s in self.sites:
-            mark = ">>" if s.name == first else ("  " if s.passed else " x")
-            if s.status in ("missing", "shape", "nonfinite"):
-                nums = ["-"] * 5
+            p = prop.get(s.name) if prop is not None else None
+            bad = [r for r in (s, p) if r is not None and not r.passed]
+            mark = ">>" if first is not None and first in (s, p) else (" x" if bad else "  ")
+            if s.status in ("missing", "shape", "nonfinite") and not (
+                p and p.status not in ("missing", "shape", "nonfinite")
+            ):
+                nums = ["-"] * (len(header) - 3)
+            elif oracle and p is not None:
+                nums = [
+                    _g(s.err_cand),
+                    _x(s.ratio),
+                    _g(p.err_cand),
+                    _x(p.ratio),
+                    _g(max(s.max_abs or 0.0, p.max_abs or 0.0)),
+                ]
+            elif oracle:
+                nums = [_g(s.max_abs), _g(s.err_cand), _g(s.err_ref), _x(s.ratio), _g(s.limit)]
             else:
                 nums = [_g(s.max_abs), _g(s.mean_abs), _g(s.rel_l2), f"{s.cosine:.7f}", _g(s.ref_max_abs)]
-            result = {"exact": "exact", "ok": "ok", "fail": "FAIL"}.get(s.status, s.status.upper())
-            if s.note and s.status not in ("exact", "ok", "fail"):
-                result += f" ({s.note})"
-            rows.append([mark, s.name, *nums, result])
-        return rows
+            rows.append([mark, s.name, *nums, self._result(s, p)])
+        return header, rows
+
+    @staticmethod
+    def _result(s: SiteResult, p: SiteResult | None) -> str:
+        def one(r: SiteResult) -> str:
+            text = {"exact": "exact", "ok": "ok", "fail": "FAIL"}.get(r.status, r.status.upper())
+            if r.note and r.status not in ("exact", "ok", "fail"):
+                text += f" ({r.note})"
+            return text
+
+        if p is None or (one(s) == one(p)):
+            return one(s)
+        return f"{one(s)} isolated, {one(p)} propagated"
+
+    def _head(self) -> str:
+        tol = self.tolerance
+        if "rule" in tol:
+            rule = (
+                f"judged against a float64 oracle: err ≤ {tol['k']:g}×transformers' own + {tol['floor']:g}u, "
+                f"max err ≤ {tol['k_max']:g}×own + {tol['floor_max']:g}u (u = {tol['unit_roundoff']:.3g})"
+            )
+        else:
+            rule = f"ABSOLUTE rule (--atol/--rtol given): max|Δ| ≤ {tol['atol']:g} + {tol['rtol']:g}·max|x_ref|"
+        return (
+            f"reference {self.reference['impl']} {self.reference['version']} ({self.reference['attn']}) vs "
+            f"candidate {self.candidate['impl']} ({self.candidate.get('attn', 'n/a')}); "
+            f"weights: {self.weights['source']} ({'synthetic' if self.weights['synthetic'] else 'real'}); "
+            f"{self.dtype} on {self.device}, {self.mode}; {rule}"
+        )
+
+    def _extras(self) -> list[str]:
+        extra = list(self.notes)
+        if self.nonfinite_weights:
+            extra.append(f"weights with NaN/Inf: {', '.join(self.nonfinite_weights)}")
+        if self.mutated_weights:
+            extra.append(f"checkpoint tensors the candidate changed in place: {', '.join(self.mutated_weights)}")
+        if self.unloaded_parameters:
+            extra.append(
+                "candidate parameters never loaded from the checkpoint (still at their initial value): "
+                + ", ".join(self.unloaded_parameters)
+            )
+        if self.missing_keys:
+            extra.append(f"candidate parameters not filled by the checkpoint: {', '.join(self.missing_keys)}")
+        if self.unexpected_keys:
+            extra.append(f"checkpoint tensors the candidate did not take: {', '.join(self.unexpected_keys)}")
+        return extra
 
     def table(self) -> str:
-        header = ["", "site", "max|Δ|", "mean|Δ|", "rel L2", "cosine", "ref max|x|", "result"]
-        rows = [header, *self._rows()]
+        header, body = self._columns()
+        rows = [header, *body]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = []
         for r in rows:
             cells = [c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(r[:-1])]
             lines.append("  ".join([*cells, r[-1]]).rstrip())
         lines.insert(1, "-" * max(len(line) for line in lines))
-        head = (
-            f"reference {self.reference['impl']} {self.reference['version']} ({self.reference['attn']}) vs "
-            f"candidate {self.candidate['impl']} ({self.candidate.get('attn', 'n/a')}); "
-            f"weights: {self.weights['source']} ({'synthetic' if self.weights['synthetic'] else 'real'}); "
-            f"{self.dtype} on {self.device}, {self.mode}, tolerance atol {self.tolerance['atol']:g} "
-            f"rtol {self.tolerance['rtol']:g}"
-        )
-        extra = []
-        if self.missing_keys:
-            extra.append(f"candidate parameters not filled by the checkpoint: {', '.join(self.missing_keys)}")
-        if self.unexpected_keys:
-            extra.append(f"checkpoint tensors the candidate did not take: {', '.join(self.unexpected_keys)}")
-        return "\n".join([head, *lines, *extra, self.verdict])
+        return "\n".join([self._head(), *lines, *self._extras(), self.verdict])
 
     def to_markdown(self) -> str:
-        header = ["", "site", "max\\|Δ\\|", "mean\\|Δ\\|", "rel L2", "cosine", "ref max\\|x\\|", "result"]
-        out = [f"### siglip-parity: {'✅' if self.passed else '❌'} {self.verdict}", ""]
-        out.append(
-            f"Reference `{self.reference['impl']} {self.reference['version']}` ({self.reference['attn']}), "
-            f"candidate `{self.candidate['impl']}`, weights `{self.weights['source']}` "
-            f"({'synthetic' if self.weights['synthetic'] else 'real'}), `{self.dtype}` on `{self.device}`, "
-            f"{self.mode}, atol {self.tolerance['atol']:g}, rtol {self.tolerance['rtol']:g}."
-        )
+        header, body = self._columns()
+        header = [h.replace("|", "\\|") for h in header]
+        out = [f"### siglip-parity: {'✅' if self.passed else '❌'} {self.verdict}", "", self._head() + "."]
         out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for r in self._rows():
+        for r in body:
             r[0] = "**→**" if r[0] == ">>" else ("✗" if r[0].strip() == "x" else "")
             r[1] = f"`{r[1]}`"
-            out.append("| " + " | ".join(r) + " |")
-        if self.missing_keys:
-            out += ["", "Candidate parameters not filled: " + ", ".join(f"`{k}`" for k in self.missing_keys)]
-        if self.unexpected_keys:
-            out += ["", "Checkpoint tensors not taken: " + ", ".join(f"`{k}`" for k in self.unexpected_keys)]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+        out += ["", *(f"- {e}" for e in self._extras())] if self._extras() else []
         return "\n".join(out) + "\n"
 
     def plot(self, path: str | Path) -> None:
-        """Per-site max |Δ| and the tolerance on a log scale (needs matplotlib)."""
+        """Per-site error (against the float64 oracle, or max |Δ|) and its bound, log scale (needs matplotlib)."""
         try:
             import matplotlib
 
@@ -221,18 +445,29 @@ class Report:
                 "--plot needs matplotlib, which is not installed", "--plot", 'pip install "siglip-scratch[plot]"'
             ) from None
         names = [s.name.replace("vision_model.", "").replace("encoder.layers.", "L") for s in self.sites]
-        floor = 1e-12
-        values = [max(s.max_abs, floor) if s.max_abs is not None else float("nan") for s in self.sites]
-        limits = [self.tolerance["atol"] + self.tolerance["rtol"] * (s.ref_max_abs or 0.0) for s in self.sites]
+        oracle = "rule" in self.tolerance
+        floor = 1e-18
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
-        colors = ["tab:red" if not s.passed else "tab:blue" for s in self.sites]
-        ax.scatter(range(len(names)), values, c=colors, s=14, zorder=3, label="max |Δ| (exact plotted at 1e-12)")
-        ax.plot(range(len(names)), limits, color="gray", linestyle="--", label="tolerance")
+        x = range(len(names))
+        series = [("isolated" if self.propagated_sites is not None else self.mode, self.sites, "o")]
+        if self.propagated_sites is not None:
+            series.append(("propagated", self.propagated_sites, "^"))
+        for label, sites, marker in series:
+            vals = [_plot_value(s.err_cand if oracle else s.max_abs, floor) for s in sites]
+            colors = ["tab:red" if not s.passed else "tab:blue" for s in sites]
+            ax.scatter(x, vals, c=colors, s=14, marker=marker, zorder=3, label=f"candidate, {label}")
+            if oracle:
+                ax.plot(
+                    x, [_plot_value(s.err_ref, floor) for s in sites], linewidth=0.8, label=f"transformers, {label}"
+                )
+            ax.plot(
+                x, [_plot_value(s.limit, floor) for s in sites], linestyle="--", linewidth=0.8, label=f"bound, {label}"
+            )
         ax.set_yscale("log")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-        ax.set_ylabel("max |Δ|")
+        ax.set_xticks(list(x), names, rotation=90, fontsize=6)
+        ax.set_ylabel("RMS error vs float64 oracle / RMS" if oracle else "max |Δ|")
         ax.set_title("\n".join(textwrap.wrap(self.verdict, 110)), fontsize=7)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
         fig.tight_layout()
         try:
             fig.savefig(path, dpi=120)
@@ -242,12 +477,37 @@ class Report:
             plt.close(fig)
 
 
+def _plot_value(x: float | None, floor: float) -> float:
+    if x is None or not math.isfinite(x):
+        return float("nan")
+    return max(x, floor)
+
+
 def _g(x: float | None) -> str:
     if x is None:
         return "-"
     if x == 0:
         return "0"
     return f"{x:.3e}"
+
+
+def _x(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    if not math.isfinite(ratio):
+        return "×inf"
+    return f"×{ratio:.3g}"
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/Inf floats -> None, so the JSON stays valid."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: object) -> object:

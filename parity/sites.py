@@ -19,7 +19,15 @@ from torch import nn
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import InputError
 
-__all__ = ["Depth", "RenameRules", "apply_rename", "first_tensor", "replace_first_tensor", "site_names"]
+__all__ = [
+    "Depth",
+    "RenameRules",
+    "apply_rename",
+    "first_tensor",
+    "input_tensor",
+    "replace_first_tensor",
+    "site_names",
+]
 
 Depth = Literal["coarse", "fine"]
 RenameRules = Sequence[tuple[re.Pattern[str], str]]
@@ -47,12 +55,13 @@ def apply_rename(name: str, rules: RenameRules) -> str:
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a module produced: itself, the first of a tuple/list, or ``last_hidden_state``."""
+    """The tensor a module produced: itself, the first of a tuple/list, or ``last_hidden_state``
+    (an attribute, or a key of a dict)."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    hidden = getattr(value, "last_hidden_state", None)
+    hidden = value.get("last_hidden_state") if isinstance(value, Mapping) else getattr(value, "last_hidden_state", None)
     return hidden if isinstance(hidden, torch.Tensor) else None
 
 
@@ -70,6 +79,15 @@ def _input_slot(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, 
         if isinstance(v, torch.Tensor):
             return ("kwarg", k)
     return None
+
+
+def input_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The tensor a module takes as its input: the one teacher forcing replaces (same rule)."""
+    slot = _input_slot(args, kwargs)
+    if slot is None:
+        return None
+    kind, where = slot
+    return args[where] if kind == "arg" else kwargs[where]  # type: ignore[index]
 
 
 def replace_first_tensor(

@@ -42,7 +42,7 @@ def _planted(weights: Weights, plant) -> SiglipVisionModel:
 
 
 def test_unmodified_encoder_is_exact(small_weights, hf):
-    for mode in ("propagated", "isolated"):
+    for mode in ("propagated", "isolated", "both"):
         report = compare(weights=small_weights, mode=mode, depth="fine")
         assert report.passed, report.table()
         assert all(s.status == "exact" and s.max_abs == 0.0 for s in report.sites), report.table()
@@ -54,10 +54,10 @@ PLANTED = [
     # (bug, first site at fine depth in isolated mode, first site at coarse depth)
     ("missing residual in layer 2", bugs.missing_residual(2), f"{L}.2", f"{L}.2"),
     ("erf GELU in layer 2's MLP", bugs.erf_gelu(2), f"{L}.2.mlp", f"{L}.2"),
-    ("LayerNorm eps 1e-5", bugs.layer_norm_eps(1e-5), f"{L}.0.layer_norm1", f"{L}.0"),
+    ("LayerNorm eps 1e-5", bugs.all_layer_norm_eps(1e-5), f"{L}.0.layer_norm1", f"{L}.0"),
     ("q and k swapped in layer 2", bugs.q_k_swapped(2), f"{L}.2.self_attn", f"{L}.2"),
     ("head_dim scaling 1/d", bugs.head_dim_scaling(), f"{L}.0.self_attn", f"{L}.0"),
-    ("exact GELU in the MAP head", bugs.tanh_in_head(), "vision_model.head", "vision_model.head"),
+    ("exact GELU in the MAP head", bugs.erf_gelu_in_head(), "vision_model.head", "vision_model.head"),
 ]
 
 
@@ -73,7 +73,7 @@ def test_planted_bug_is_blamed_on_its_site(name, plant, fine_site, coarse_site, 
     coarse = compare(weights=small_weights, candidate=_planted(small_weights, plant), mode="isolated")
     assert coarse.first_divergent_site == coarse_site, f"{name}:\n{coarse.table()}"
 
-    propagated = compare(weights=small_weights, candidate=_planted(small_weights, plant))
+    propagated = compare(weights=small_weights, candidate=_planted(small_weights, plant), mode="propagated")
     assert not propagated.passed, f"{name}: propagated mode passed\n{propagated.table()}"
 
 
@@ -83,7 +83,9 @@ def test_isolated_blames_only_the_broken_layer(small_weights, hf):
     )
     failing = [s.name for s in report.sites if not s.passed]
     assert failing == [f"{L}.2"], report.table()
-    propagated = compare(weights=small_weights, candidate=_planted(small_weights, bugs.missing_residual(2)))
+    propagated = compare(
+        weights=small_weights, candidate=_planted(small_weights, bugs.missing_residual(2)), mode="propagated"
+    )
     assert [s.name for s in propagated.sites if not s.passed][:3] == [f"{L}.2", f"{L}.3", "vision_model.post_layernorm"]
 
 

@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 from .errors import SiglipScratchError
 
-__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "run"]
+__all__ = ["EXIT_FAIL", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "run"]
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# 0 success; 1 the check failed (parity, golden, --verify); 2 a usage or input error (the user's to fix);
+# 3 an internal error (ours: a bug to report). docs/ERRORS.md lists them too.
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def run(
@@ -21,7 +23,8 @@ def run(
 ) -> int:
     """Run a CLI body: a `SiglipScratchError` becomes ``error: <message>`` on stderr and exit 2
     (the traceback only with ``--debug``); Ctrl-C (or a signal turned into KeyboardInterrupt)
-    becomes the message and exit code ``on_interrupt`` gives."""
+    becomes the message and exit code ``on_interrupt`` gives; any other exception is an internal
+    error, one line and exit 3."""
     from .hub import quiet_hub_logs
 
     quiet_hub_logs()
@@ -36,3 +39,9 @@ def run(
         message, code = on_interrupt(exc)
         print(f"error: {message}", file=sys.stderr)
         return code
+    except Exception as exc:  # anything else is our bug, never "the check failed"
+        if getattr(args, "debug", False):
+            raise
+        first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"internal error: {first} (rerun with --debug for the traceback, and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
