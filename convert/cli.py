@@ -1,7 +1,8 @@
 """``siglip-convert SOURCE OUTPUT_DIR``: any SigLIP checkpoint to a vision-only safetensors folder.
 
-Exit codes: 0 success, 1 ``--verify`` found a parity failure, 2 usage or input error (one line on
-stderr, no traceback unless --debug). SIGINT and SIGTERM leave nothing at OUTPUT_DIR.
+Exit codes: 0 success, 1 ``--verify`` found the output differs from the source or fails parity, 2 usage
+or input error (one line on stderr, no traceback unless --debug), 3 internal error. SIGINT and SIGTERM
+leave nothing at OUTPUT_DIR.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="siglip-convert",
         description="Convert a SigLIP / PaliGemma / big_vision / timm checkpoint into a vision-only "
         "safetensors folder that siglip_scratch and transformers.SiglipVisionModel both load.",
-        epilog="Exit codes: 0 success, 1 --verify found a parity failure, 2 usage or input error.",
+        epilog="Exit codes: 0 success, 1 --verify failed, 2 usage or input error, 3 internal error.",
     )
     p.add_argument("source", help="hub repo id, local HF folder, or a .safetensors/.bin/.pt/.npz file")
     p.add_argument("output_dir", help="folder to create (refused if it exists and is not empty, unless --force)")
@@ -29,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="config.json to use instead of the source's or the inferred one")
     p.add_argument("--max-shard-size", metavar="SIZE", help="shard past this size, e.g. 2GB")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    p.add_argument("--verify", action="store_true", help="run the parity harness on the output (small batch)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the output against the source (big_vision/timm computed natively, HF layouts tensor by "
+        "tensor), then run the parity harness on it; exit 1 if either fails",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bars or detection lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -79,9 +85,12 @@ def _main(args: argparse.Namespace) -> int:
     )
     if not args.verify:
         return EXIT_OK
+    import torch
+
     from .verify import verify_output
 
-    passed, text = verify_output(result.output, dtype=args.dtype or "float32")
+    out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    passed, text = verify_output(result.output, dtype=args.dtype or "float32", plan=result.plan, out_dtype=out_dtype)
     print(text)
     return EXIT_OK if passed else EXIT_FAIL
 

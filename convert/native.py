@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from siglip_scratch.config import SiglipVisionConfig
 
-__all__ = ["Leaf", "NATIVE_FORWARDS"]
+__all__ = ["NATIVE_FORWARDS", "Leaf"]
 
 Get = Callable[[str], torch.Tensor]  # source key (relative to the tower root) -> float64 tensor
 
@@ -93,7 +93,8 @@ def big_vision(get: Get, config: SiglipVisionConfig, pixels: torch.Tensor) -> di
         a = src + "MultiHeadDotProductAttention_0/"
         y = norm(site + "layer_norm1", src + "LayerNorm_0/", x)
         q, k, v = (
-            project(site + f"self_attn.{n}_proj", a + f"{m}/", y) for n, m in zip("qkv", ("query", "key", "value"))
+            project(site + f"self_attn.{n}_proj", a + f"{m}/", y)
+            for n, m in zip("qkv", ("query", "key", "value"), strict=True)
         )
         merged = _attend(q, k, v).transpose(1, 2)  # [B, N, heads, hd]
         out = torch.einsum("bnhk,hkd->bnd", merged, get(a + "out/kernel")) + get(a + "out/bias")

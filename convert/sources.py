@@ -46,6 +46,7 @@ class Planned:
     make: Callable[[], torch.Tensor]
     raw: TensorInfo | None
     where: str
+    sources: tuple[str, ...] = ()  # the source keys it is made from (for --verify)
 
 
 @dataclass
@@ -244,7 +245,7 @@ def _hf_layout(store: Store) -> tuple[str, list[Planned], set[str], list[str], l
     towers = sorted({d.split(".")[0] if not d.startswith("model.") else ".".join(d.split(".")[:2]) for d in dropped})
     notes = [f"dropped {len(dropped)} tensor(s) outside the vision tower ({', '.join(towers)})"] if dropped else []
     planned = [
-        Planned(dst, store.shape(src), store.dtype(src), _loader(store, src), store.raw(src), store.where(src))
+        Planned(dst, store.shape(src), store.dtype(src), _loader(store, src), store.raw(src), store.where(src), (src,))
         for dst, src in mapping.items()
     ]
     return layout, planned, set(mapping.values()), dropped, notes
@@ -335,7 +336,7 @@ def _planned_row(store: Store, target: str, sources: list[str], row: Row) -> Pla
     if row.transform is None:
         (src,) = sources
         return Planned(
-            target, store.shape(src), store.dtype(src), _loader(store, src), store.raw(src), store.where(src)
+            target, store.shape(src), store.dtype(src), _loader(store, src), store.raw(src), store.where(src), (src,)
         )
     transform = row.transform
     metas = [torch.empty(store.shape(s), dtype=store.dtype(s), device="meta") for s in sources]
@@ -354,6 +355,7 @@ def _planned_row(store: Store, target: str, sources: list[str], row: Row) -> Pla
         lambda: transform([store.load(s) for s in sources]),
         None,
         " + ".join(store.where(s) for s in sources),
+        tuple(sources),
     )
 
 

@@ -1,4 +1,22 @@
-"""``--verify``: load the converted folder into our encoder and into transformers and compare."""
+"""``--verify``: check the converted folder against the *source*, then run the parity harness on it.
+
+Loading the output into both our encoder and transformers can only show that the folder agrees
+with itself: a converter that swaps q and k in every layer writes a folder both load identically. So
+the first check is against the source:
+
+- big_vision ``.npz`` and timm / open_clip: the source tower is computed from its own tensors, by its
+  own key names and layouts (`native.py`), in float64; each of our leaf modules (every projection,
+  norm, MLP layer, the patch embedding and the MAP head's attention) loaded from the output folder is
+  run on the native input and must reproduce the native output. A failure names our tensors and the
+  source tensors they came from.
+- HF layouts (whose conversion only strips a prefix and may cast): every output tensor must equal its
+  source tensor, read back independently of the converter's reader (the ``safetensors`` library for
+  safetensors files), cast to the output dtype, and the source key must end with the output key's
+  hub-layout suffix.
+
+Then, with transformers installed, the parity harness runs on the output (both modes, float64 oracle)
+and transformers' own loader must report no missing or unexpected keys.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +26,103 @@ import torch
 
 from siglip_scratch.modeling import SiglipVisionModel
 
+from .native import NATIVE_FORWARDS
+from .sources import Plan
 
-def verify_output(folder: Path, *, dtype: str = "float32") -> tuple[bool, str]:
-    """(passed, text). With transformers installed, the parity harness on a batch of 2 random images;
-    without it, a strict load into our encoder and a finite forward pass, and a note saying so."""
+__all__ = ["SOURCE_RTOL", "check_against_source", "verify_output"]
+
+# float64 on both sides, the same math in another order: ~1e-15 relative. A real mapping error is O(1).
+SOURCE_RTOL = 1e-9
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.pow(2).mean().sqrt().item()
+    err = (a - b).pow(2).mean().sqrt().item()
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+
+
+def check_against_source(folder: Path, plan: Plan, out_dtype: torch.dtype | None) -> tuple[bool, list[str]]:
+    """(passed, lines). Compares the written folder with the plan's source, independently of the tables."""
+    assert plan.store is not None, "verify needs the plan's open source store"
+    store = plan.store
+
+    def source(key: str) -> torch.Tensor:
+        t = store.load(plan.root + key)
+        if out_dtype is not None and t.is_floating_point():
+            t = t.to(out_dtype)  # the output was cast; casting commutes with every relayout
+        return t.to(torch.float64)
+
+    if plan.family in NATIVE_FORWARDS:
+        return _check_native(folder, plan, source)
+    return _check_hf(folder, plan, out_dtype)
+
+
+def _check_native(folder: Path, plan: Plan, source) -> tuple[bool, list[str]]:
+    model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float64).eval()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        leaves = NATIVE_FORWARDS[plan.family](source, cfg, pixels)
+        failures = []
+        for path, leaf in leaves.items():
+            module = model.get_submodule(path)
+            ours = module(*leaf.inputs)
+            err = _rel(ours, leaf.output) if ours.shape == leaf.output.shape else float("inf")
+            if not err <= SOURCE_RTOL:
+                tensors = sorted(n for n, _ in module.named_parameters())
+                failures.append(
+                    f"{path}.{{{','.join(tensors)}}} do not reproduce the source's "
+                    f"{', '.join(plan.root + s for s in leaf.sources)} (relative error {err:.3g})"
+                )
+    head = f"verify: source check ({plan.family} computed natively from {len(leaves)} leaf modules, float64)"
+    if failures:
+        more = f"; {len(failures) - 1} more leaf module(s) differ" if len(failures) > 1 else ""
+        return False, [f"{head}: FAIL: {failures[0]}{more}", *(f"verify:   {f}" for f in failures[1:8])]
+    return True, [f"{head}: PASS: every leaf reproduces the source (≤ {SOURCE_RTOL:g} relative)"]
+
+
+def _check_hf(folder: Path, plan: Plan, out_dtype: torch.dtype | None) -> tuple[bool, list[str]]:
+    from safetensors import safe_open
+
+    from siglip_scratch.checkpoint import index_checkpoint, load_tensors
+
+    ours = load_tensors(index_checkpoint(folder, vision_only=True))
+    failures = []
+    for p in plan.tensors:
+        (src_key,) = p.sources
+        suffix = p.key[len("vision_model.") :]
+        if not (src_key == suffix or src_key.endswith("." + suffix)):
+            failures.append(f"{p.key} came from {src_key!r}, which is not the same tensor in another layout")
+            continue
+        file = str(p.raw.file) if p.raw is not None else ""
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                expected = f.get_tensor(src_key)
+        else:
+            expected = plan.store.load(src_key)  # type: ignore[union-attr]
+        if out_dtype is not None and expected.is_floating_point():
+            expected = expected.to(out_dtype)
+        got = ours.get(p.key)
+        if got is None or got.dtype != expected.dtype or not torch.equal(got, expected):
+            failures.append(f"{p.key} differs from the source's {src_key} ({file or 'source'})")
+    head = f"verify: source check ({len(plan.tensors)} tensors against the source file, read independently)"
+    if failures:
+        more = f"; {len(failures) - 1} more" if len(failures) > 1 else ""
+        return False, [f"{head}: FAIL: {failures[0]}{more}"]
+    return True, [f"{head}: PASS: every tensor equals its source"]
+
+
+def verify_output(
+    folder: Path, *, dtype: str = "float32", plan: Plan | None = None, out_dtype: torch.dtype | None = None
+) -> tuple[bool, str]:
+    """(passed, text). The source check when ``plan`` is given; then, with transformers installed, the
+    parity harness on a batch of 2 random images; without it, a strict load into our encoder and a
+    finite forward pass, and a note saying so."""
+    lines: list[str] = []
+    passed = True
+    if plan is not None:
+        passed, lines = check_against_source(folder, plan, out_dtype)
     try:
         import transformers
     except ImportError:
@@ -21,18 +132,19 @@ def verify_output(folder: Path, *, dtype: str = "float32") -> tuple[bool, str]:
         with torch.inference_mode():
             out = model(x).last_hidden_state
         ok = bool(torch.isfinite(out).all())
-        return ok, (
+        lines.append(
             f"verify: loaded strictly into siglip_scratch, forward {'finite' if ok else 'NOT finite'}; "
             'transformers is not installed, so no parity check (pip install "siglip-scratch[parity]")'
         )
+        return passed and ok, "\n".join(lines)
     from siglip_scratch.parity import compare
 
     transformers.utils.logging.disable_progress_bar()
     # The folder is loaded by the harness exactly as a user would load it.
-    report = compare(weights=folder, dtype=dtype, batch=2, mode="propagated")
+    report = compare(weights=folder, dtype=dtype, batch=2)
     theirs = transformers.SiglipVisionModel.from_pretrained(folder, output_loading_info=True)[1]
     bad = {k: v for k, v in theirs.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    text = f"verify: {report.verdict}"
+    lines.append(f"verify: parity of the output with transformers: {report.verdict}")
     if bad:
-        text += f"\nverify: transformers.SiglipVisionModel.from_pretrained reported {bad}"
-    return report.passed and not bad, text
+        lines.append(f"verify: transformers.SiglipVisionModel.from_pretrained reported {bad}")
+    return passed and report.passed and not bad, "\n".join(lines)

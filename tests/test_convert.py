@@ -469,8 +469,9 @@ def test_cli_input_errors_exit_2(tmp_path, state, argv, needle, capsys):
 def test_cli_verify_pass_and_fail_exit_codes(tmp_path, state, capsys, monkeypatch, hf):
     src = _hf_folder(tmp_path, state, TINY.to_dict())
     assert convert_main([str(src), str(tmp_path / "a"), "--verify"]) == 0
-    assert "verify: PASS: all 5 sites exact" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASS: every tensor equals its source" in out and "transformers: PASS: all 5 sites exact" in out
     from siglip_scratch.convert import verify
 
-    monkeypatch.setattr(verify, "verify_output", lambda folder, dtype: (False, "verify: FAIL: planted"))
+    monkeypatch.setattr(verify, "verify_output", lambda folder, **kw: (False, "verify: FAIL: planted"))
     assert convert_main([str(src), str(tmp_path / "b"), "--verify"]) == 1
