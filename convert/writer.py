@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,17 @@ class OutputFolder:
             raise OutputError("output folder exists and is not empty", str(self.target), "pass --force to replace it")
         if not os.access(self.parent, os.W_OK | os.X_OK):
             raise OutputError("cannot write to the output's parent folder", str(self.parent), "check permissions")
+        # os.access says yes for root on /proc or a read-only mount: create (and remove) a file to know.
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{self.target.name}.siglip-convert-probe-", dir=self.parent)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create files in the output's parent folder ({exc.strerror})",
+                str(self.parent),
+                "pick an output folder on a writable disk",
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
 
     def __enter__(self) -> Path:
         self.check()

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--depth",
         choices=["coarse", "fine"],
-        default="coarse",
-        help="coarse (default): embeddings, each layer, post_layernorm, head; fine: also each layer's "
-        "layer_norm1, self_attn, layer_norm2 and mlp",
+        default="fine",
+        help="fine (default): embeddings, each layer's layer_norm1, self_attn, layer_norm2, mlp and the layer, "
+        "post_layernorm, head; coarse: without the sub-layer sites (less memory, but a sub-layer bug can hide "
+        "in the residual stream)",
     )
     run.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -100,7 +101,9 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_OK if run_golden(presets, update=args.update_golden) else EXIT_FAIL
 
     from .candidate import load_rename_map
-    from .compare import compare
+    from .compare import check_device, compare
+
+    check_device(args.device)  # before any weights are read
 
     rules = load_rename_map(args.rename) if args.rename else None
     for name in ("json", "markdown", "plot"):

@@ -36,10 +36,10 @@ RUNS = {
         ("float32", "sdpa", "both", "fine", False),
         ("float32", "eager", "both", "coarse", False),
         ("float32", "sdpa", "both", "coarse", True),
-        ("bfloat16", "sdpa", "both", "coarse", False),
-        ("float16", "sdpa", "both", "coarse", False),
+        ("bfloat16", "sdpa", "both", "fine", False),
+        ("float16", "sdpa", "both", "fine", False),
     ),
-    "google/siglip-so400m-patch14-384": (("float32", "sdpa", "both", "coarse", False),),
+    "google/siglip-so400m-patch14-384": (("float32", "sdpa", "both", "fine", False),),
 }
 DEFAULT_RUNS = RUNS["google/siglip-base-patch16-224"]
 

@@ -335,7 +335,7 @@ def test_hub_cache_offline_minimal_config(tmp_path, hf):
         env={**os.environ, **env},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "(real)" in proc.stdout and "PASS: all 15 sites exact" in proc.stdout, proc.stdout
+    assert "(real)" in proc.stdout and "PASS: all 63 sites exact" in proc.stdout, proc.stdout
 
 
 @covers("S04")
@@ -466,11 +466,23 @@ def test_cli_input_errors_exit_2(tmp_path, state, argv, needle, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_unwritable_output_place_is_exit_2_one_line(tmp_path, state, capsys):
+    """/proc passes os.access for root but refuses files: refused before any work, no traceback."""
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    rc = convert_main([str(src), "/proc/siglip-out", "--quiet"])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2
+        and err.startswith("error: cannot create files in the output's parent folder (")
+        and err.count("\n") == 1
+    ), err
+
+
 def test_cli_verify_pass_and_fail_exit_codes(tmp_path, state, capsys, monkeypatch, hf):
     src = _hf_folder(tmp_path, state, TINY.to_dict())
     assert convert_main([str(src), str(tmp_path / "a"), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "PASS: every tensor equals its source" in out and "transformers: PASS: all 5 sites exact" in out
+    assert "PASS: every tensor equals its source" in out and "transformers: PASS: all 13 sites exact" in out
     from siglip_scratch.convert import verify
 
     monkeypatch.setattr(verify, "verify_output", lambda folder, **kw: (False, "verify: FAIL: planted"))

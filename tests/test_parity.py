@@ -70,7 +70,7 @@ def test_planted_bug_is_blamed_on_its_site(name, plant, fine_site, coarse_site, 
     names = [s.name for s in fine.sites]
     assert all(s.passed for s in fine.sites[: names.index(fine_site)]), fine.table()
 
-    coarse = compare(weights=small_weights, candidate=_planted(small_weights, plant), mode="isolated")
+    coarse = compare(weights=small_weights, candidate=_planted(small_weights, plant), mode="isolated", depth="coarse")
     assert coarse.first_divergent_site == coarse_site, f"{name}:\n{coarse.table()}"
 
     propagated = compare(weights=small_weights, candidate=_planted(small_weights, plant), mode="propagated")
@@ -79,12 +79,18 @@ def test_planted_bug_is_blamed_on_its_site(name, plant, fine_site, coarse_site, 
 
 def test_isolated_blames_only_the_broken_layer(small_weights, hf):
     report = compare(
-        weights=small_weights, candidate=_planted(small_weights, bugs.missing_residual(2)), mode="isolated"
+        weights=small_weights,
+        candidate=_planted(small_weights, bugs.missing_residual(2)),
+        mode="isolated",
+        depth="coarse",
     )
     failing = [s.name for s in report.sites if not s.passed]
     assert failing == [f"{L}.2"], report.table()
     propagated = compare(
-        weights=small_weights, candidate=_planted(small_weights, bugs.missing_residual(2)), mode="propagated"
+        weights=small_weights,
+        candidate=_planted(small_weights, bugs.missing_residual(2)),
+        mode="propagated",
+        depth="coarse",
     )
     assert [s.name for s in propagated.sites if not s.passed][:3] == [f"{L}.2", f"{L}.3", "vision_model.post_layernorm"]
 
@@ -141,8 +147,8 @@ def test_nonfinite_values_are_a_site_status(small_weights, hf):
     orig = mlp.forward
     mlp.forward = lambda x: orig(x) * float("inf")
     report = compare(weights=small_weights, candidate=model)
-    assert report.first_divergent_site == f"{L}.1"
-    site = next(s for s in report.sites if s.name == f"{L}.1")
+    assert report.first_divergent_site == f"{L}.1.mlp"
+    site = next(s for s in report.sites if s.name == f"{L}.1.mlp")
     assert site.status == "nonfinite" and "candidate has NaN/Inf" in site.note
     assert "NONFINITE" in report.table() and not report.passed
 
@@ -171,7 +177,7 @@ def test_assert_parity_message_contains_table(small_weights, hf):
     assert_parity(weights=small_weights)
     with pytest.raises(AssertionError) as e:
         assert_parity(weights=small_weights, candidate=_planted(small_weights, bugs.erf_gelu(1)))
-    assert "max|Δ|" in str(e.value) and f">>  {L}.1 " in str(e.value)
+    assert "max|Δ|" in str(e.value) and f">>  {L}.1.mlp " in str(e.value)
 
 
 def test_tolerance_override(small_weights, hf):
@@ -213,14 +219,14 @@ def test_cli_pass_json_and_markdown(tiny_folder, tmp_path, capsys, hf):
     )
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "PASS: all 5 sites exact" in out
+    assert "PASS: all 13 sites exact" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert TOP_FIELDS <= set(data), sorted(TOP_FIELDS - set(data))
     assert set(data["reference"]) >= {"impl", "version", "attn"}
     assert data["weights"] == {"source": str(tiny_folder), "synthetic": False, "kind": "real"}
     assert data["passed"] is True and data["first_divergent_site"] is None
     assert all(SITE_FIELDS <= set(s) for s in data["sites"])
-    assert [s["name"] for s in data["sites"]][:2] == ["vision_model.embeddings", "vision_model.encoder.layers.0"]
+    assert [s["name"] for s in data["sites"]][:2] == ["vision_model.embeddings", "vision_model.encoder.layers.0.layer_norm1"]
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("### siglip-parity: ✅ PASS") and "| `vision_model.head` |" in md
 
@@ -249,9 +255,9 @@ def test_cli_fail_exit_1_with_marked_row(tmp_path, capsys, hf):
     )
     out = capsys.readouterr().out
     assert rc == 1, out
-    assert f">>  {L}.1 " in out and "FAIL: first divergent site vision_model.encoder.layers.1" in out
+    assert f">>  {L}.1.mlp " in out and "FAIL: first divergent site vision_model.encoder.layers.1.mlp" in out
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["passed"] is False and data["first_divergent_site"] == f"{L}.1"
+    assert data["passed"] is False and data["first_divergent_site"] == f"{L}.1.mlp"
     assert data["weights"]["synthetic"] is True
 
 
@@ -266,6 +272,9 @@ def test_cli_fail_exit_1_with_marked_row(tmp_path, capsys, hf):
         (["--preset", "google/siglip-base-patch16-224", "--candidate", "nocolon"], "is not module.path:factory"),
         (["--preset", "google/siglip-base-patch16-224", "--dtype", "int8"], "unsupported dtype 'int8'"),
         (["--weights", "/nonexistent/folder"], "no such file or folder"),
+        (["--preset", "google/siglip-base-patch16-224", "--device", "foo"], "unknown device 'foo'"),
+        (["--preset", "google/siglip-base-patch16-224", "--device", "meta"], "device type 'meta' cannot run"),
+        (["--preset", "google/siglip-base-patch16-224", "--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
 @covers("P01", "P02", "P06")

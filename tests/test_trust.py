@@ -31,6 +31,7 @@ from siglip_scratch.parity.report import UNIT_ROUNDOFF
 
 from . import honest
 from . import planted_bugs as bugs
+from .catalogue import covers
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = SiglipVisionConfig(
@@ -108,7 +109,8 @@ def _cells(config: SiglipVisionConfig) -> list[tuple[str, int]]:
     n = config.num_hidden_layers
     out = []
     for bug in bugs.MATRIX:
-        layers = [0] if "head" in bug else sorted({0, n // 2, n - 1})
+        in_head = bugs.MATRIX[bug][1](0) == "vision_model.head"
+        layers = [0] if in_head else sorted({0, n // 2, n - 1})
         out += [(bug, k) for k in layers]
     return out
 
@@ -130,9 +132,11 @@ def test_planted_bug_matrix(bug, k, small, hf):
 
 @pytest.mark.parametrize("bug, k", [("LayerNorm eps 1e-5", 11), ("erf GELU in one MLP", 6)])
 def test_planted_bug_at_base_size_fails_by_default(bug, k, hf):
-    """The deep-layer eps bug that passed the old absolute rule (×6.6 its own error at layer 11)."""
+    """The deep-layer eps bug that passed the old absolute rule (×6.6 its own error at layer 11), with
+    every default: no mode, no depth (at coarse depth the layer's residual stream hides it: ×1.6)."""
     w = _weights(get_preset("google/siglip-base-patch16-224"), "float32")
-    report = compare(weights=w, candidate=_planted(w, bug, k), depth="fine", batch=1)
+    report = compare(weights=w, candidate=_planted(w, bug, k), batch=1)
+    assert report.mode == "both" and report.depth == "fine"
     assert not report.passed, report.table()
     assert report.first_divergent_site == bugs.MATRIX[bug][1](k), report.table()
     # The old absolute rule, asked for explicitly, still exists and says which rule judged.
@@ -261,6 +265,7 @@ def test_a_forward_that_writes_shared_weights_fails_loudly(small, hf):
         compare(weights=w)
 
 
+@covers("P10")
 def test_cli_mutating_candidate_exit_1(tmp_path, capsys, hf):
     (tmp_path / "cand.py").write_text(
         "import torch\n"
@@ -332,6 +337,7 @@ def test_unloaded_is_caught_even_when_the_init_equals_the_checkpoint(small, hf):
     assert first.status == "nonfinite" and first.nonfinite_side == "candidate", report.table()
 
 
+@covers("P09")
 def test_cli_partially_loaded_exit_1(tmp_path, capsys, hf):
     (tmp_path / "partial.py").write_text(
         "import torch, importlib.util\n"
@@ -432,6 +438,7 @@ def test_nan_weights_are_a_reported_status(small, hf):
     assert data["passed"] is False and data["nonfinite_weights"] == report.nonfinite_weights
 
 
+@covers("C05")
 def test_cli_nan_weights_exit_1_valid_json(tmp_path, capsys, hf):
     model = SiglipVisionModel.from_config(SMALL, seed=0)
     with torch.no_grad():
@@ -448,6 +455,7 @@ def test_cli_nan_weights_exit_1_valid_json(tmp_path, capsys, hf):
 
 
 # -- make parity never falls back silently -----------------------------------------------------------------
+@covers("P11")
 @pytest.mark.hub
 def test_suite_refuses_a_corrupt_cached_checkpoint(tmp_path, hf):
     from . import layouts
@@ -469,6 +477,23 @@ def test_suite_refuses_a_corrupt_cached_checkpoint(tmp_path, hf):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "is in the HF cache but does not load" in proc.stderr and "Traceback" not in proc.stderr
     assert "PASS" not in proc.stdout
+
+
+@covers("P12")
+def test_internal_error_is_exit_3_one_line(monkeypatch, capsys, hf):
+    import importlib
+
+    mod = importlib.import_module("siglip_scratch.parity.compare")  # the module, not the function
+
+    def boom(**kwargs):
+        raise RuntimeError("planted internal failure\nsecond line")
+
+    monkeypatch.setattr(mod, "compare", boom)
+    rc = parity_main(["--preset", "google/siglip-base-patch16-224"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert err.startswith("internal error: RuntimeError: planted internal failure") and err.count("\n") == 1, err
+    assert "--debug" in err
 
 
 def _markdown(records: list[dict]) -> str:

@@ -158,3 +158,17 @@ def test_from_state_dict_shares_storage(tiny_model):
     state = tiny_model.state_dict()
     other = SiglipVisionModel.from_state_dict(TINY, state)
     assert {p.data_ptr() for p in other.parameters()} == {p.data_ptr() for p in tiny_model.parameters()}
+
+
+def test_timm_layout_given_to_from_pretrained_says_convert(tmp_path):
+    from siglip_scratch.modeling import synthetic_state_dict
+
+    from . import layouts
+
+    state = synthetic_state_dict(TINY, seed=0)
+    folder = tmp_path / "timm"
+    folder.mkdir()
+    save_file(layouts.to_timm(state, TINY), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(TINY.to_dict()))
+    with pytest.raises(CheckpointError, match=r"timm SigLIP layout detected.*siglip-convert"):
+        SiglipVisionModel.from_pretrained(folder)

@@ -336,6 +336,16 @@ def map_vision_keys(keys: Iterable[str]) -> tuple[dict[str, str], list[str], lis
     return mapping, sorted(dropped), sorted(unmatched)
 
 
+def foreign_layout(keys: Iterable[str]) -> str | None:
+    """The name of a known non-hub SigLIP layout these keys are in (which siglip-convert reads), or None."""
+    keys = list(keys)
+    if any(k.endswith("patch_embed.proj.weight") for k in keys):
+        return "open_clip SigLIP" if any(k.startswith("visual.trunk.") for k in keys) else "timm SigLIP"
+    if any("Transformer/encoderblock" in k for k in keys):
+        return "big_vision"
+    return None
+
+
 def _short(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -359,7 +369,14 @@ def check_state_shapes(
     )
     if not (missing or unexpected or mismatched):
         return
-    if "vision_model.embeddings.patch_embedding.weight" not in found:
+    other = foreign_layout(found)
+    if "vision_model.embeddings.patch_embedding.weight" not in found and other:
+        err = CheckpointError(
+            f"this is a {other} checkpoint, not the hub layout ({other} layout detected)",
+            source,
+            "convert it with `siglip-convert SOURCE OUTPUT_DIR` and load OUTPUT_DIR",
+        )
+    elif "vision_model.embeddings.patch_embedding.weight" not in found:
         err = CheckpointError(
             "no SigLIP vision tower in this checkpoint",
             source,

@@ -1,0 +1,37 @@
+"""Full-size checks (`make test-slow`, marked ``slow``): so400m-384 bit-exact with transformers in
+float32 and bfloat16, and the whole `make parity` suite as a test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from siglip_scratch import SiglipVisionModel, get_preset
+from siglip_scratch.parity.reference import build_reference
+
+from .conftest import assert_exact, pixels
+
+pytestmark = pytest.mark.slow
+SO400M = "google/siglip-so400m-patch14-384"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_so400m_bit_exact_with_transformers(dtype, hf):
+    cfg = get_preset(SO400M)
+    ours = SiglipVisionModel.from_config(cfg, seed=0, dtype=dtype)
+    ref = build_reference(cfg, ours.state_dict())
+    x = pixels(cfg, 1).to(dtype)
+    with torch.inference_mode():
+        a, b = ours(x), ref(x)
+    assert_exact(a.last_hidden_state, b.last_hidden_state, f"so400m last_hidden_state {dtype}")
+    assert_exact(a.pooler_output, b.pooler_output, f"so400m pooler_output {dtype}")
+
+
+def test_the_parity_suite_passes(capsys, hf):
+    from siglip_scratch.parity.suite import main
+
+    rc = main([])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "golden fingerprints hold" in out, out
+    assert all(("synthetic" in line or "real" in line) for line in out.splitlines() if line.startswith("siglip-")), out
