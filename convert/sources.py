@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from siglip_scratch.checkpoint import INDEX_NAME, PREFIX_RULES, WEIGHTS_NAME, TensorInfo, check_state_shapes
+from siglip_scratch.checkpoint import INDEX_NAME, PREFIX_RULES, TensorInfo, check_state_shapes, folder_safetensors
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
 from siglip_scratch.files import read_json
@@ -188,10 +188,13 @@ def _file_kind(path: Path) -> tuple[str, str]:
 
 
 def _folder_weights(folder: Path) -> Path:
-    for name in (INDEX_NAME, WEIGHTS_NAME, BIN_INDEX, BIN_NAME):
+    found = folder_safetensors(folder)  # the loader's rule: model.safetensors, its index, a single file
+    if found is not None:
+        return found
+    for name in (BIN_INDEX, BIN_NAME):
         if (folder / name).is_file():
             return folder / name
-    singles = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.npz"))
+    singles = sorted(folder.glob("*.npz"))
     if len(singles) == 1:
         return singles[0]
     raise SourceError(

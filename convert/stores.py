@@ -8,7 +8,6 @@ copied byte for byte. Only the tensors the converter asks for are ever read.
 from __future__ import annotations
 
 import abc
-import os
 import re
 import zipfile
 from collections.abc import Iterator
@@ -18,8 +17,6 @@ import numpy as np
 import torch
 
 from siglip_scratch.checkpoint import (
-    SAFETENSORS_DTYPES,
-    TORCH_TO_SAFETENSORS,
     TensorInfo,
     index_checkpoint,
     read_index,
@@ -266,15 +263,3 @@ def _npy_header(npz: np.lib.npyio.NpzFile, name: str, where: str) -> tuple[tuple
     if dtype not in _NPZ_DTYPES:
         raise CheckpointError(f"unsupported array dtype {dtype}", f"{where}: {name}", "use float32/16 or bfloat16")
     return tuple(shape), _NPZ_DTYPES[dtype]
-
-
-def safetensors_tag(dtype: torch.dtype) -> str:
-    return TORCH_TO_SAFETENSORS[dtype]
-
-
-def itemsize(tag: str) -> int:
-    return SAFETENSORS_DTYPES[tag][1]
-
-
-def is_local_weights(path: str | os.PathLike[str]) -> bool:
-    return Path(path).exists()

@@ -180,6 +180,3 @@ TIMM_TABLE: list[Row] = [
     Row("vision_model.head.mlp.fc2.weight", ("attn_pool.mlp.fc2.weight",), None, head=True),
     Row("vision_model.head.mlp.fc2.bias", ("attn_pool.mlp.fc2.bias",), None, head=True),
 ]
-
-# timm keys that are not weights of the SigLIP tower and carry no information for it.
-TIMM_IGNORED = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")

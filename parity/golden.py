@@ -2,7 +2,8 @@
 
 For each preset in `GOLDEN_CASES`, ``parity/golden/<preset>.json`` holds statistics of
 transformers' float32 CPU output at every coarse site, for synthetic weights and pixels at pinned
-seeds: the shape, the sum, max |x| and 32 values at fixed positions (stored as float hex, exact).
+seeds: the shape, the sum, max |x| and 32 values at fixed positions (stored as float hex, exact); all
+of them are compared.
 ``siglip-parity --check-golden`` recomputes them; a drift above ``GOLDEN_RTOL`` of the site's scale
 means a torch or transformers upgrade changed the numbers, which is what a CI gate must catch.
 ``--update-golden`` rewrites the files deliberately.
@@ -11,6 +12,7 @@ means a torch or transformers upgrade changed the numbers, which is what a CI ga
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -96,9 +98,19 @@ def compare_fingerprints(golden: dict[str, Any], current: dict[str, Any]) -> tup
         cs = [float.fromhex(v) for v in c["samples"]]
         drift = max(abs(a - b) for a, b in zip(gs, cs, strict=True))
         limit = GOLDEN_RTOL * g["max_abs"]
-        status = "exact" if gs == cs else ("ok" if drift <= limit else "MOVED")
+        # Every recorded statistic is compared, each with the bound the per-element limit implies:
+        # max|x| moves by at most `limit` (it is 1-Lipschitz), the sum by at most numel · limit.
+        numel = math.prod(g["shape"])
+        stats = {
+            "max|x|": (abs(c["max_abs"] - g["max_abs"]), limit),
+            "sum": (abs(c["sum"] - g["sum"]), limit * numel),
+        }
+        moved = [f"{k} drift {d:.3e} > {lim:.3e}" for k, (d, lim) in stats.items() if not d <= lim]
+        same = gs == cs and c["max_abs"] == g["max_abs"] and c["sum"] == g["sum"]
+        status = "exact" if same else ("ok" if drift <= limit and not moved else "MOVED")
         ok &= status != "MOVED"
-        lines.append(f"  {site:40s} max drift {drift:.3e} (limit {limit:.3e})  {status}")
+        extra = f"; {', '.join(moved)}" if moved else ""
+        lines.append(f"  {site:40s} max drift {drift:.3e} (limit {limit:.3e}){extra}  {status}")
     return ok, lines
 
 

@@ -466,6 +466,18 @@ def test_cli_input_errors_exit_2(tmp_path, state, argv, needle, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_loader_and_converter_pick_the_same_file(tmp_path, state):
+    """A folder with both model.safetensors and an index: both take model.safetensors (transformers' order)."""
+    src = _hf_folder(tmp_path, state, TINY.to_dict())
+    other = {k: v + 1 for k, v in state.items()}
+    layouts.save_sharded(src, {"model-00001-of-00001.safetensors": other})
+    assert (src / "model.safetensors.index.json").is_file()
+    convert(str(src), tmp_path / "out", log=lambda s: None)
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+    loaded = SiglipVisionModel.from_pretrained(src).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_unwritable_output_place_is_exit_2_one_line(tmp_path, state, capsys):
     """/proc passes os.access for root but refuses files: refused before any work, no traceback."""
     src = _hf_folder(tmp_path, state, TINY.to_dict())

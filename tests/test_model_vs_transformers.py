@@ -201,3 +201,21 @@ def test_cuda_matches_transformers(dtype, hf):
     x = pixels(TINY, 2).cuda()
     with torch.inference_mode():
         assert_exact(ours(x).pooler_output, ref(x).pooler_output, f"cuda {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_attention_mirrors_torch(dtype):
+    """Our MAP-head attention copies torch's nn.MultiheadAttention arithmetic; a torch upgrade that
+    changes it must fail here, loudly, rather than as a distant pooler_output mismatch."""
+    from siglip_scratch.model import _PoolingAttention
+
+    torch.manual_seed(0)
+    dim, heads, B, S = 96, 4, 3, 17
+    mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True).to(dtype).eval()
+    ours = _PoolingAttention(dim, heads).to(dtype)
+    ours.load_state_dict(mha.state_dict(), strict=True)
+    q, kv = torch.randn(B, 1, dim, dtype=dtype), torch.randn(B, S, dim, dtype=dtype)
+    with torch.inference_mode():
+        want = mha(q, kv, kv, need_weights=True)[0]
+        got = ours(q, kv)
+    assert_exact(got, want, f"_PoolingAttention vs nn.MultiheadAttention ({dtype}, torch {torch.__version__})")

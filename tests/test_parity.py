@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -226,7 +227,10 @@ def test_cli_pass_json_and_markdown(tiny_folder, tmp_path, capsys, hf):
     assert data["weights"] == {"source": str(tiny_folder), "synthetic": False, "kind": "real"}
     assert data["passed"] is True and data["first_divergent_site"] is None
     assert all(SITE_FIELDS <= set(s) for s in data["sites"])
-    assert [s["name"] for s in data["sites"]][:2] == ["vision_model.embeddings", "vision_model.encoder.layers.0.layer_norm1"]
+    assert [s["name"] for s in data["sites"]][:2] == [
+        "vision_model.embeddings",
+        "vision_model.encoder.layers.0.layer_norm1",
+    ]
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("### siglip-parity: ✅ PASS") and "| `vision_model.head` |" in md
 
@@ -334,3 +338,24 @@ def test_golden_detects_a_moved_reference(monkeypatch, capsys, hf):
     monkeypatch.setattr(golden, "fingerprint", moved)
     assert not golden.run_golden(["google/siglip-base-patch16-224"], update=False)
     assert "vision_model.encoder.layers.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stat", ["max_abs", "sum"])
+def test_golden_compares_every_recorded_statistic(stat, monkeypatch, capsys, hf):
+    """The 32 samples unchanged, one summary statistic moved: still MOVED."""
+    from siglip_scratch.parity import golden
+
+    real = golden.fingerprint
+
+    def moved(preset):
+        fp = real(preset)
+        site = fp["sites"]["vision_model.encoder.layers.3"]
+        site[stat] += 1.0 if stat == "max_abs" else 1e3 * math.prod(site["shape"]) * site["max_abs"] * 1e-5
+        return fp
+
+    monkeypatch.setattr(golden, "fingerprint", moved)
+    assert not golden.run_golden(["google/siglip-base-patch16-224"], update=False)
+    out = capsys.readouterr().out
+    assert (
+        "vision_model.encoder.layers.3" in out and "MOVED" in out and ("max|x|" if stat == "max_abs" else "sum") in out
+    )

@@ -193,6 +193,17 @@ def read_index(index_file: Path) -> dict[str, Path]:
     return out
 
 
+def folder_safetensors(folder: Path) -> Path | None:
+    """The safetensors weights of a model folder, by the one rule both the loader and the converter use
+    (transformers' own order): ``model.safetensors``, else its index, else the folder's only
+    ``.safetensors`` file; None when there is none."""
+    for name in (WEIGHTS_NAME, INDEX_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    singles = sorted(folder.glob("*.safetensors"))
+    return singles[0] if len(singles) == 1 else None
+
+
 def index_checkpoint(path: str | os.PathLike[str], *, vision_only: bool = False) -> dict[str, TensorInfo]:
     """The tensors of a checkpoint: a ``.safetensors`` file, or a folder with ``model.safetensors`` or
     a sharded ``model.safetensors.index.json``.
@@ -210,13 +221,9 @@ def index_checkpoint(path: str | os.PathLike[str], *, vision_only: bool = False)
         return read_safetensors_header(path)[0]
     if not path.is_dir():
         raise SourceError("no such file or folder", str(path), "check the path")
-    if (path / WEIGHTS_NAME).is_file():
-        return read_safetensors_header(path / WEIGHTS_NAME)[0]
-    if (path / INDEX_NAME).is_file():
-        return _index_sharded(path / INDEX_NAME, vision_only)
-    singles = sorted(path.glob("*.safetensors"))
-    if len(singles) == 1:
-        return read_safetensors_header(singles[0])[0]
+    found = folder_safetensors(path)
+    if found is not None:
+        return _index_sharded(found, vision_only) if found.name == INDEX_NAME else read_safetensors_header(found)[0]
     raise SourceError(
         f"no {WEIGHTS_NAME} or {INDEX_NAME} found",
         str(path),

@@ -181,6 +181,13 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
 
 
 class _PoolingAttention(nn.Module):
+    """``nn.MultiheadAttention(dim, num_heads, batch_first=True)(query, kv, kv, need_weights=True)[0]``,
+    written out. It mirrors torch's ``F.multi_head_attention_forward`` for that call: the packed
+    projection ``_in_projection_packed`` (q alone, k and v from one GEMM when key is value), the
+    ``q * sqrt(1 / head_dim)`` then ``bmm`` order of the need_weights path, softmax, ``bmm`` with v and
+    ``out_proj``. `tests/test_model_vs_transformers.py::test_pooling_attention_mirrors_torch` fails if a
+    torch upgrade changes that arithmetic."""
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
