@@ -128,7 +128,13 @@ def plan_conversion(
     else:
         layout, planned, used, drops, notes = _hf_layout(store)
         inferred = None
+        model = _model_name(folder)
+        if model:
+            layout = f"{model}: {layout}"
+        if "model.vision_model." in {p.sources[0][: len("model.vision_model.")] for p in planned}:
+            notes.append(SMOLVLM_NOTE)
 
+    notes = [*getattr(store, "notes", []), *notes]
     leftovers = sorted(set(keys) - used - set(drops))
     if leftovers:
         raise CheckpointError(
@@ -228,9 +234,30 @@ def _hub_blob_sha256(path: Path) -> str | None:
 _RULE_NAMES = {
     "vision_model.": "SiglipModel/SiglipVisionModel (hub layout)",
     "embeddings.": "SiglipVisionModel (flat, transformers >= 5.6)",
-    "vision_tower.vision_model.": "PaliGemma (hub layout)",
-    "model.vision_tower.vision_model.": "PaliGemma (transformers 5.x layout)",
-    "model.vision_tower.": "PaliGemma (transformers >= 5.6 flat tower)",
+    "vision_tower.vision_model.": "VLM tower, hub / transformers 4.x layout (vision_tower.vision_model.)",
+    "vision_tower.": "VLM tower, transformers 5.x on-disk layout (vision_tower., flat)",
+    "model.vision_tower.vision_model.": "VLM tower, transformers 5.x in-memory layout (model.vision_tower.vision_model.)",
+    "model.vision_tower.": "VLM tower, transformers 5.x in-memory layout (model.vision_tower., flat)",
+    "model.vision_model.": "SmolVLM/Idefics3 tower (model.vision_model.)",
+}
+SMOLVLM_NOTE = (
+    "SmolVLM/Idefics3 tower: under transformers >= 5, for a full-size image its position ids are 0…N−1 and it "
+    "computes exactly what SiglipVisionModel without a head computes (tested against transformers' own); "
+    "transformers 4.57 buckets i/n·(1 − 1e-6), which repeats position 0 and drops the last on each axis even "
+    "for full-size images; padded images and sub-images use bucketed position ids and a patch attention mask, "
+    "which this folder does not reproduce"
+)
+# config.json model_type -> the name a detection line prints
+MODEL_NAMES = {
+    "siglip": "SigLIP",
+    "siglip_vision_model": "SigLIP vision model",
+    "paligemma": "PaliGemma",
+    "gemma3": "Gemma 3",
+    "llava": "LLaVA",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
 }
 
 
@@ -414,6 +441,18 @@ def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
         patch_size=p,
         vision_use_head=head,
     )
+
+
+def _model_name(folder: Path) -> str | None:
+    """The model a config.json beside the weights names (``model_type``), for the detection line."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    data = read_json(file, what="config", error=InputError, fix="fix or replace config.json")
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(model_type, str):
+        return None
+    return MODEL_NAMES.get(model_type, model_type)
 
 
 def _folder_config(

@@ -112,8 +112,11 @@ class TorchPickleStore(Store):
         self.files = shards
         self.tensors: dict[str, torch.Tensor] = {}
         self.origin: dict[str, Path] = {}
+        self.notes: list[str] = []  # wrappers taken off (training checkpoints), for the detection lines
         for shard in shards:
-            for key, t in _torch_load(shard).items():
+            tensors, notes = _torch_load(shard)
+            self.notes += [n for n in notes if n not in self.notes]
+            for key, t in tensors.items():
                 if key in self.tensors:
                     raise CheckpointError(f"key {key!r} appears in two shards", str(shard), "the index is corrupt")
                 self.tensors[key] = t
@@ -135,7 +138,31 @@ class TorchPickleStore(Store):
         return f"{self.origin[key]}: {key}"
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+# Training checkpoints keep the weights under one of these keys, next to epoch/optimizer/scaler state.
+STATE_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
+DDP_PREFIX = "module."
+
+
+def _unwrap(obj: object) -> tuple[object, list[str]]:
+    """A training checkpoint's state dict: ``{"state_dict": …}`` and the like, then a DistributedDataParallel
+    ``module.`` prefix on every key. Returns the state dict and what was taken off."""
+    notes = []
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in STATE_WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if key is not None:
+            others = sorted(str(k) for k in obj if k != key)
+            notes.append(
+                f"training checkpoint: weights taken from {key!r}"
+                + (f" (ignored: {', '.join(others)})" if others else "")
+            )
+            obj = obj[key]
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith(DDP_PREFIX) for k in obj):
+        obj = {k[len(DDP_PREFIX) :]: v for k, v in obj.items()}
+        notes.append("DistributedDataParallel 'module.' prefix removed from every key")
+    return obj, notes
+
+
+def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     where = str(path)
     if not path.is_file():
         raise SourceError("weights file not found", where, "check the path")
@@ -157,15 +184,14 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 "get a safetensors export of these weights; never load untrusted pickles without weights_only",
             ) from None
         raise CheckpointError(f"not a readable PyTorch checkpoint ({name}: {exc})", where, "re-download it") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    obj, notes = _unwrap(obj)
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointError("checkpoint is not a state dict of named tensors", where, None)
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != len(obj):
         bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))[:5]
         raise CheckpointError(f"non-tensor entries in the state dict: {bad}", where, None)
-    return tensors
+    return tensors, notes
 
 
 # -- big_vision .npz --------------------------------------------------------------------------------

@@ -259,6 +259,23 @@ def test_timm_and_open_clip_layouts(tmp_path, prefix, capsys):
         assert_exact(converted(x).pooler_output, ours(x).pooler_output, "timm -> ours")
 
 
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_open_clip_training_checkpoint_is_unwrapped(tmp_path, wrapper, capsys):
+    """open_clip's training loop saves {"epoch", "name", "state_dict": DDP-prefixed weights, "optimizer"}.
+    open_clip cannot run here (it needs torchvision), so the wrapper is built as its train code writes it."""
+    cfg = get_preset("google/siglip-base-patch16-224").replace(num_hidden_layers=2)
+    state = synthetic_state_dict(cfg, seed=8)
+    weights = {"module." + k: v for k, v in layouts.to_timm(state, cfg, prefix="visual.trunk.").items()}
+    weights["module.logit_scale"] = torch.ones(1)
+    ckpt = {"epoch": 7, "name": "siglip-run", wrapper: weights, "optimizer": {"state": {}, "param_groups": []}}
+    torch.save(ckpt, tmp_path / "epoch_7.pt")
+    assert convert_main([str(tmp_path / "epoch_7.pt"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"training checkpoint: weights taken from '{wrapper}' (ignored: epoch, name, optimizer)" in out, out
+    assert "'module.' prefix removed" in out and "open_clip SigLIP" in out, out
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
+
+
 def test_timm_of_unknown_width_needs_and_takes_config(tmp_path, capsys):
     cfg = TINY.replace(hidden_size=96, num_attention_heads=6)  # width 96: not a known SigLIP head count
     state = synthetic_state_dict(cfg, seed=3)

@@ -300,16 +300,25 @@ PREFIX_RULES: tuple[tuple[str, str | None], ...] = (
     ("encoder.", "vision_model.encoder."),
     ("post_layernorm.", "vision_model.post_layernorm."),
     ("head.", "vision_model.head."),
-    # PaliGemma, hub layout
+    # VLMs with a SigLIP tower (PaliGemma 1/2, Gemma 3, LLaVA, LLaVA-NeXT, LLaVA-OneVision), on disk:
+    # transformers 4.x and the hub wrap the tower (vision_tower.vision_model.…), 5.x writes it flat
+    # (vision_tower.embeddings.…); the language model is language_model.… in both.
     ("vision_tower.vision_model.", "vision_model."),
+    ("vision_tower.", "vision_model."),
     ("language_model.", None),
     ("multi_modal_projector.", None),
-    # PaliGemma, transformers 5.x layouts (tower wrapped, then flat)
+    ("image_newline", None),  # LLaVA-NeXT / OneVision: a learned separator, outside the tower
+    # the same models in memory under transformers 5.x (state_dict(): model.…)
     ("model.vision_tower.vision_model.", "vision_model."),
     ("model.vision_tower.", "vision_model."),
     ("model.language_model.", None),
     ("model.multi_modal_projector.", None),
+    ("model.image_newline", None),
     ("lm_head.", None),
+    # SmolVLM / Idefics3: the same tower without a head (bucketed position ids, see the converter note)
+    ("model.vision_model.", "vision_model."),
+    ("model.text_model.", None),
+    ("model.connector.", None),
 )
 
 

@@ -5,8 +5,9 @@
 - a `SiglipVisionConfig` (``model_type: siglip_vision_model``), flat;
 - a full `SiglipConfig` (``model_type: siglip``) whose ``vision_config`` often holds only
   ``patch_size`` -- the defaults below are load-bearing, they are what the hub relies on;
-- a PaliGemma config (``model_type: paligemma``): its ``vision_config``, no MAP head, and
-  ``image_size`` 224 when absent.
+- a VLM config with a ``vision_config`` (PaliGemma, Gemma 3, LLaVA, LLaVA-NeXT, LLaVA-OneVision): that
+  ``vision_config``, read with the same defaults transformers uses (``vision_use_head`` absent means a
+  head, as transformers reads it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ _INT_FIELDS = (
     "patch_size",
 )
 _FLOAT_FIELDS = ("layer_norm_eps", "attention_dropout")
+
+
+# VLMs whose SigLIP-shaped tower has no MAP head in transformers (the tower class defines none).
+NO_HEAD_TOWERS = ("idefics3", "smolvlm")
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,13 @@ class SiglipVisionConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}", source, None)
         model_type = data.get("model_type")
-        if model_type == "siglip2":
+        vision_type = (
+            data.get("vision_config", {}).get("model_type") if isinstance(data.get("vision_config"), dict) else None
+        )
+        if model_type in ("siglip2", "siglip2_vision_model") or vision_type == "siglip2_vision_model":
             raise ConfigError(
-                "SigLIP 2 NaFlex (model_type siglip2) has a different patch embedding",
+                f"this is SigLIP 2 NaFlex (model_type {model_type}): a linear patch embedding over flattened "
+                "patches and a position grid resized per image, which this encoder does not implement yet",
                 source,
                 "use a fixed-resolution SigLIP/SigLIP 2 checkpoint (model_type siglip)",
             )
@@ -142,9 +151,9 @@ class SiglipVisionConfig:
                 vision = {}
             if not isinstance(vision, dict):
                 raise ConfigError("vision_config must be a JSON object", f"{source}: vision_config", None)
-            if model_type == "paligemma":
-                # PaliGemma's tower never has the MAP head; its projector lives outside it.
-                vision = {"vision_use_head": False, **vision}
+            if model_type in NO_HEAD_TOWERS:
+                # Their tower class has no MAP head at all (no config field for it).
+                vision = {**vision, "vision_use_head": False}
             where = f"{source}: vision_config"
         else:
             vision = data

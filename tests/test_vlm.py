@@ -1,0 +1,186 @@
+"""The towers people actually have: VLMs saved by transformers itself (never a hand-made layout).
+
+Each VLM is built with transformers' own classes at a tiny, structure-true config and written with
+``save_pretrained`` (one file, and sharded so that vision and language tensors share shards). The
+converted folder, and ``SiglipVisionModel.from_pretrained`` on the VLM folder itself, must reproduce
+the VLM's own vision tower bit for bit in float32. Run under transformers 5.x (``make test``) and
+4.57.6 (``make test-457``), which write different on-disk layouts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from siglip_scratch import SiglipVisionConfig, SiglipVisionModel
+from siglip_scratch.convert.cli import main as convert_main
+
+from .conftest import assert_exact
+
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8
+)
+
+
+def _build(kind: str, T):
+    vision = {**VISION, "model_type": "siglip_vision_model"}
+    if kind == "PaliGemma":
+        cfg = T.PaliGemmaConfig(vision_config=vision, text_config={**TEXT, "model_type": "gemma", "vocab_size": 300})
+        return T.PaliGemmaForConditionalGeneration(cfg)
+    if kind == "Gemma 3":  # no MAP head, as the real 896-px tower
+        cfg = T.Gemma3Config(
+            vision_config={**vision, "vision_use_head": False},
+            text_config={**TEXT, "model_type": "gemma3_text", "vocab_size": 300},
+            mm_tokens_per_image=4,
+        )
+        return T.Gemma3ForConditionalGeneration(cfg)
+    if kind == "LLaVA":
+        cfg = T.LlavaConfig(vision_config=vision, text_config={**TEXT, "model_type": "llama", "vocab_size": 300})
+        return T.LlavaForConditionalGeneration(cfg)
+    if kind == "LLaVA-OneVision":
+        cfg = T.LlavaOnevisionConfig(
+            vision_config=vision, text_config={**TEXT, "model_type": "qwen2", "vocab_size": 300}
+        )
+        return T.LlavaOnevisionForConditionalGeneration(cfg)
+    raise AssertionError(kind)
+
+
+KINDS = ["PaliGemma", "Gemma 3", "LLaVA", "LLaVA-OneVision"]
+
+
+def _tower(model):
+    return next(m for n, m in model.named_modules() if n.split(".")[-1] == "vision_tower")
+
+
+def _reference_outputs(model, x):
+    torch.manual_seed(0)
+    tower = _tower(model).eval()
+    with torch.inference_mode():
+        out = tower(pixel_values=x)
+    return out.last_hidden_state, getattr(out, "pooler_output", None)
+
+
+def _assert_same_tower(ours: SiglipVisionModel, want, x, what: str) -> None:
+    with torch.inference_mode():
+        got = ours(x)
+    assert_exact(got.last_hidden_state, want[0], f"{what}: last_hidden_state")
+    if ours.config.vision_use_head:
+        assert_exact(got.pooler_output, want[1], f"{what}: pooler_output")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """kind -> (model, single-file folder, sharded folder)."""
+    hf = pytest.importorskip("transformers")  # the tests using this ask for `hf`, which fails under make test
+    out = {}
+    for kind in KINDS:
+        torch.manual_seed(1)
+        model = _build(kind, hf).eval()
+        root = tmp_path_factory.mktemp(kind.replace(" ", "_"))
+        model.save_pretrained(root / "single")
+        model.save_pretrained(root / "sharded", max_shard_size="40KB")
+        out[kind] = (model, root / "single", root / "sharded")
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_vlm_saved_by_transformers_converts_and_matches_its_tower(kind, sharded, saved, tmp_path, capsys, hf):
+    model, single, shards = saved[kind]
+    src = shards if sharded else single
+    if sharded:
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        files = {
+            f: sorted({k.split(".")[0] for k, v in index["weight_map"].items() if v == f})
+            for f in set(index["weight_map"].values())
+        }
+        assert len(files) > 1 and any(len(prefixes) > 1 for prefixes in files.values()), files
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    want = _reference_outputs(model, x)
+
+    assert convert_main([str(src), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    layout = next(line for line in out.splitlines() if line.startswith("layout: "))
+    assert layout.startswith(f"layout: {kind}: VLM tower"), layout
+    converted = SiglipVisionModel.from_pretrained(tmp_path / "out")
+    assert converted.config.vision_use_head == (kind != "Gemma 3")
+    _assert_same_tower(converted, want, x, f"{kind} converted")
+    # The VLM folder loads directly too; only its vision tensors are read.
+    _assert_same_tower(SiglipVisionModel.from_pretrained(src), want, x, f"{kind} from_pretrained")
+    # And transformers' own SiglipVisionModel loads the converted folder with nothing missing.
+    _, info = hf.SiglipVisionModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vlm_in_memory_state_dict(kind, saved, hf):
+    model = saved[kind][0]
+    cfg = SiglipVisionConfig.from_dict(model.config.vision_config.to_dict())
+    ours = SiglipVisionModel.from_state_dict(cfg, model.state_dict())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    _assert_same_tower(ours, _reference_outputs(model, x), x, f"{kind} state_dict()")
+
+
+def test_paligemma_config_without_vision_use_head_reads_as_transformers_does(hf):
+    data = {"model_type": "paligemma", "vision_config": {k: v for k, v in VISION.items()}}
+    ours = SiglipVisionConfig.from_dict(data)
+    theirs = hf.PaliGemmaConfig(vision_config={**VISION, "model_type": "siglip_vision_model"}).vision_config
+    assert ours.vision_use_head == getattr(theirs, "vision_use_head", True) is True
+
+
+def _idefics_like(kind: str, T):
+    vision = dict(VISION)
+    text = {**TEXT, "model_type": "llama", "vocab_size": 300}
+    if kind == "Idefics3":
+        return T.Idefics3ForConditionalGeneration(
+            T.Idefics3Config(vision_config=vision, text_config=text, scale_factor=2)
+        )
+    return T.SmolVLMForConditionalGeneration(T.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=2))
+
+
+@pytest.mark.parametrize("kind", ["Idefics3", "SmolVLM"])
+def test_smolvlm_idefics3_tower_equals_siglip_on_full_size_images(kind, tmp_path, capsys, hf):
+    if kind == "SmolVLM" and not hasattr(hf, "SmolVLMForConditionalGeneration"):
+        pytest.skip(f"transformers {hf.__version__} has no SmolVLM")  # pragma: no cover (both pinned versions have it)
+    torch.manual_seed(2)
+    model = _idefics_like(kind, hf).eval()
+    model.save_pretrained(tmp_path / "src")
+    assert convert_main([str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"layout: {kind}: SmolVLM/Idefics3 tower" in out and "bucketed position ids" in out, out
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert any("bucketed position ids" in n for n in record["notes"])
+    ours = SiglipVisionModel.from_pretrained(tmp_path / "out")
+    assert ours.config.vision_use_head is False
+    x = torch.rand(2, 3, 32, 32) * 2 - 1  # full-size images: every patch real
+    tower = next(m for n, m in model.named_modules() if n.split(".")[-1] == "vision_model")
+    with torch.inference_mode():
+        want = tower(pixel_values=x).last_hidden_state
+        if int(hf.__version__.split(".")[0]) >= 5:
+            # transformers 5: positions 0…N−1, exactly SigLIP without a head.
+            assert_exact(ours(x).last_hidden_state, want, f"{kind} tower vs converted")
+        else:
+            # transformers 4.57 buckets i/n·(1 − 1e-6) with right=True: i/n lands just below its
+            # boundary, so each axis reads positions [0, 0, 1, …, n−2]. That, and nothing else, differs.
+            assert not torch.equal(ours(x).last_hidden_state, want)
+            n = ours.config.grid_size
+            boundaries = torch.arange(1 / n, 1.0, 1 / n)
+            axis = torch.bucketize(torch.arange(n, dtype=torch.float32) / n * (1 - 1e-6), boundaries, right=True)
+            ids = (axis[:, None] * n + axis[None, :]).flatten()
+            assert ids.tolist() != list(range(n * n))
+            table = ours.vision_model.embeddings.position_embedding
+            table.weight = torch.nn.Parameter(table.weight[ids].clone())
+            assert_exact(ours(x).last_hidden_state, want, f"{kind} tower (4.57 position ids) vs converted")
+
+
+@pytest.mark.parametrize("model_type", ["siglip2", "siglip2_vision_model"])
+def test_siglip2_naflex_is_refused_by_name(model_type, tmp_path):
+    from siglip_scratch import ConfigError
+
+    with pytest.raises(ConfigError, match="SigLIP 2 NaFlex"):
+        SiglipVisionConfig.from_dict({"model_type": model_type, **VISION})
