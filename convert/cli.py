@@ -56,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
     def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:
+        from pathlib import Path
+
+        from .writer import COMMITTED
+
         what, code = ("terminated", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+        if Path(args.output_dir).absolute() in COMMITTED or Path(args.output_dir).resolve() in COMMITTED:
+            return f"{what} after {args.output_dir} was written completely (it is whole and usable)", code
         return f"{what}; nothing was written to {args.output_dir}", code
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

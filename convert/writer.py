@@ -9,7 +9,9 @@ by a killed run is recognised by its name and dead pid and removed by the next r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -47,6 +49,29 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise InputError(f"size {text!r} is not positive", "--max-shard-size", None)
     return size
+
+
+# Outputs this process has renamed into place: an interrupt after that must not say "nothing was written".
+COMMITTED: set[Path] = set()
+_OLD = re.compile(r"^\.(?P<name>.+)\.siglip-convert-old-[0-9a-f]+$")
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where it is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -112,42 +137,61 @@ class OutputFolder:
             self._release()
 
     def _acquire(self) -> None:
-        for _ in range(2):
+        """An flock on the lock file: the kernel drops it when its holder exits, however it dies, so a
+        lock is never stale and a reused pid cannot hold it. The pid written inside is for the message.
+        The inode is checked after locking: a holder that unlinked the file on release (under the lock)
+        leaves us holding a dead inode, so we retry on the new one."""
+        while True:
             try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = int(self.lock.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    holder = 0
-                if holder and _pid_alive(holder):
-                    raise OutputError(
-                        f"another siglip-convert (pid {holder}) is writing this output",
-                        str(self.target),
-                        "wait for it to finish, or pick another output folder",
-                    ) from None
-                with contextlib.suppress(FileNotFoundError):
-                    self.lock.unlink()  # stale lock of a killed run
+                fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create the output lock ({exc.strerror})", str(self.lock), "check permissions"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(
+                    f"another siglip-convert (pid {holder}) is writing this output",
+                    str(self.target),
+                    "wait for it to finish, or pick another output folder (the lock goes when that process ends)",
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            except PermissionError:
-                raise OutputError("cannot write to the output's parent folder", str(self.parent), None) from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._lock_fd = fd
             self._locked = True
             return
-        raise OutputError("could not take the output lock", str(self.lock), "delete it if no converter is running")
 
     def _release(self) -> None:
         if self._locked:
             with contextlib.suppress(FileNotFoundError):
-                self.lock.unlink()
+                self.lock.unlink()  # while still holding the flock (see _acquire's inode check)
+            os.close(self._lock_fd)  # releases the flock
             self._locked = False
 
     def _clean_stale(self) -> None:
+        """Leftovers of killed runs (we hold the lock, so none is in use): temp folders, and an old output
+        moved aside by a --force replacement that died between its two renames, put back if the output
+        itself is gone, else removed."""
         for entry in self.parent.iterdir():
             m = _TMP.match(entry.name)
             if m and m["name"] == self.target.name and not _pid_alive(int(m["pid"])):
                 shutil.rmtree(entry, ignore_errors=True)
+            old = _OLD.match(entry.name)
+            if old and old["name"] == self.target.name:
+                if not self.target.exists():
+                    os.rename(entry, self.target)
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def _commit(self) -> None:
         _fsync_dir(self.tmp)
@@ -155,14 +199,20 @@ class OutputFolder:
             if any(self.target.iterdir()):
                 if not self.force:  # appeared while we worked
                     raise OutputError("output folder appeared while converting", str(self.target), "use --force")
-                trash = self.parent / f".{self.target.name}.siglip-convert-old-{secrets.token_hex(4)}"
-                os.rename(self.target, trash)
-                os.rename(self.tmp, self.target)
-                shutil.rmtree(trash, ignore_errors=True)
+                if _exchange(self.tmp, self.target):
+                    # One atomic step: the old output now sits at the temp name, removed below (or,
+                    # if we are killed first, by the next run's stale-temp cleanup).
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                else:  # no renameat2 here: two renames, and _clean_stale recovers a kill between them
+                    trash = self.parent / f".{self.target.name}.siglip-convert-old-{secrets.token_hex(4)}"
+                    os.rename(self.target, trash)
+                    os.rename(self.tmp, self.target)
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(self.tmp, self.target)  # replaces the empty folder
         else:
             os.rename(self.tmp, self.target)
+        COMMITTED.add(self.target)
         _fsync_dir(self.parent)
 
 

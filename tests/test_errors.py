@@ -297,6 +297,67 @@ def test_two_converters_one_output(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@covers("O07")
+def test_a_held_lock_refuses_with_the_holders_pid(tmp_path, capsys):
+    """Deterministic: the lock is held (by this process, through the writer's own API) while a converter
+    starts; it must refuse, naming the pid, and touch nothing."""
+    from siglip_scratch.convert.writer import OutputFolder
+
+    src = _src(tmp_path)
+    with OutputFolder(tmp_path / "out", force=False) as holder_tmp:
+        rc = convert_main([str(src), str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"another siglip-convert (pid {os.getpid()}) is writing this output" in err, err
+        # Nothing of the refused run: only the holder's own lock and temp folder.
+        assert not (tmp_path / "out").exists()
+        assert _leftovers(tmp_path) == sorted([holder_tmp.name, ".out.siglip-convert.lock"])
+
+
+@covers("O07")
+def test_a_lock_file_naming_a_live_unrelated_pid_does_not_block(tmp_path):
+    """A lock file left by a killed run whose pid now belongs to another process (here pid 1): the
+    kernel dropped the flock when the run died, so the file alone blocks nothing."""
+    src = _src(tmp_path)
+    (tmp_path / ".out.siglip-convert.lock").write_text("1")
+    assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    assert _leftovers(tmp_path) == []
+
+
+@covers("O08")
+def test_force_replaces_atomically_and_recovers_an_interrupted_swap(tmp_path):
+    src = _src(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old output")
+    assert convert_main([str(src), str(out), "--quiet", "--force"]) == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert _leftovers(tmp_path) == []
+    # A run killed between the two renames of the fallback path: no output, the old one moved aside.
+    os.rename(out, tmp_path / ".out.siglip-convert-old-0badc0de")
+    assert convert_main([str(src), str(out), "--quiet", "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and _leftovers(tmp_path) == []
+    # ... and an aside copy next to a complete output is removed.
+    (tmp_path / ".out.siglip-convert-old-12345678").mkdir()
+    assert convert_main([str(src), str(out), "--quiet", "--force"]) == 0
+    assert _leftovers(tmp_path) == []
+
+
+@covers("O05")
+def test_interrupt_after_the_output_is_complete_says_so(tmp_path, capsys, monkeypatch):
+    from siglip_scratch.convert import cli, verify
+
+    src = _src(tmp_path)
+
+    def terminated_during_verify(*args, **kwargs):
+        raise cli._Terminated()
+
+    monkeypatch.setattr(verify, "verify_output", terminated_during_verify)
+    rc = convert_main([str(src), str(tmp_path / "out"), "--quiet", "--verify"])
+    err = capsys.readouterr().err
+    assert rc == 143 and "written completely (it is whole and usable)" in err, err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 # -- images -------------------------------------------------------------------------------------------
 @covers("I03")
 def test_zero_size_image():
