@@ -19,6 +19,7 @@ import torch
 from siglip_scratch.checkpoint import (
     TensorInfo,
     index_checkpoint,
+    map_vision_keys,
     read_index,
 )
 from siglip_scratch.errors import CheckpointError, SourceError
@@ -106,7 +107,11 @@ class TorchPickleStore(Store):
 
     def __init__(self, path: Path):
         if path.name.endswith(".index.json"):
-            shards = sorted(set(read_index(path).values()))
+            # Like the safetensors index: only shards that hold something of the vision tower are opened
+            # (the hub fetch downloads only those; a language-model shard need not be on disk).
+            weight_map = read_index(path)
+            _, dropped, _ = map_vision_keys(weight_map)
+            shards = sorted({weight_map[k] for k in set(weight_map) - set(dropped)})
         else:
             shards = [path]
         self.files = shards

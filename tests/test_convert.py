@@ -114,7 +114,8 @@ def test_vision_model_and_paligemma_layouts_sharded(tmp_path, layout, hf):
         shards["model-00003-of-00003.safetensors"] = {lm + "embed_tokens.weight": torch.ones(8, 4)}
     layouts.save_sharded(tmp_path / "src", shards)
     config = (
-        {"model_type": "paligemma", "vision_config": {k: v for k, v in cfg.to_dict().items() if k != "vision_use_head"}}
+        # vision_use_head stated, as real PaliGemma configs do (absent, transformers reads a head)
+        {"model_type": "paligemma", "vision_config": cfg.to_dict()}
         if layout != "flat"
         else cfg.to_dict()
     )
@@ -406,6 +407,37 @@ def test_hub_download_fetches_only_vision_shards(tmp_path, fake_hub, state):
     before = sum(fake_hub.served.values())
     assert run_cli(repo, str(tmp_path / "again"), "--quiet", env=fake_hub.env).returncode == 0
     assert sum(fake_hub.served.values()) == before
+
+
+@pytest.mark.hub
+def test_hub_sharded_pytorch_bin_fetches_and_opens_only_vision_shards(tmp_path, fake_hub, state):
+    """A repo that ships only a sharded pytorch_model.bin: the text shard is never downloaded, and the
+    store must not try to open it."""
+    import io
+
+    def pickled(tensors):
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        return buf.getvalue()
+
+    text = layouts.text_tower()
+    weight_map = {**dict.fromkeys(state, "pytorch_model-00001-of-00002.bin")}
+    weight_map.update(dict.fromkeys(text, "pytorch_model-00002-of-00002.bin"))
+    config = {"model_type": "siglip", "vision_config": TINY.to_dict(), "text_config": {}}
+    repo = "acme/siglip-bin"
+    fake_hub.add_repo(
+        repo,
+        {
+            "config.json": json.dumps(config).encode(),
+            "pytorch_model.bin.index.json": json.dumps({"metadata": {}, "weight_map": weight_map}).encode(),
+            "pytorch_model-00001-of-00002.bin": pickled(state),
+            "pytorch_model-00002-of-00002.bin": pickled(text),
+        },
+    )
+    proc = run_cli(repo, str(tmp_path / "out"), env=fake_hub.env)
+    assert proc.returncode == 0, proc.stderr
+    assert fake_hub.bytes_served(repo, "pytorch_model-00002-of-00002.bin") == 0
+    assert_same_tensors(read_folder(tmp_path / "out"), state)
 
 
 @covers("S01", "S03")
