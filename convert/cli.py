@@ -91,11 +91,10 @@ def _main(args: argparse.Namespace) -> int:
     )
     if not args.verify:
         return EXIT_OK
-    import torch
-
+    from .converter import DTYPES
     from .verify import verify_output
 
-    out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    out_dtype = DTYPES.get(args.dtype) if args.dtype else None
     passed, text = verify_output(result.output, dtype=args.dtype or "float32", plan=result.plan, out_dtype=out_dtype)
     print(text)
     return EXIT_OK if passed else EXIT_FAIL

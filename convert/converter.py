@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import siglip_scratch
+from siglip_scratch.checkpoint import DTYPE_NAMES
 from siglip_scratch.errors import InputError, OutputError, SiglipScratchError
 from siglip_scratch.files import sha256_file
 
@@ -22,7 +23,8 @@ from .writer import OutputFolder, WrittenFile, disk_full, parse_size, write_json
 
 __all__ = ["ConvertResult", "convert"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Output dtypes: the run dtypes less float64 (no hub checkpoint is stored in float64).
+DTYPES = {k: v for k, v in DTYPE_NAMES.items() if k != "float64"}
 
 
 @dataclass

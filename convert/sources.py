@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from siglip_scratch.checkpoint import INDEX_NAME, PREFIX_RULES, TensorInfo, check_state_shapes, folder_safetensors
+from siglip_scratch.checkpoint import (
+    INDEX_NAME,
+    PREFIX_RULES_LONGEST_FIRST,
+    TensorInfo,
+    check_state_shapes,
+    folder_safetensors,
+)
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
 from siglip_scratch.files import read_json
@@ -266,7 +272,7 @@ def _hf_layout(store: Store) -> tuple[str, list[Planned], set[str], list[str], l
 
     keys = store.keys()
     mapping, dropped, _unmatched = map_vision_keys(keys)
-    rules = sorted(PREFIX_RULES, key=lambda r: -len(r[0]))
+    rules = PREFIX_RULES_LONGEST_FIRST
     kinds: Counter[str] = Counter()
     for src in mapping.values():
         prefix = next(p for p, _ in rules if src.startswith(p))

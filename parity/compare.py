@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import siglip_scratch
+from siglip_scratch.checkpoint import DTYPE_NAMES
 from siglip_scratch.config import SiglipVisionConfig, get_preset
 from siglip_scratch.errors import InputError
 from siglip_scratch.modeling import SiglipVisionModel, load_vision_state_dict, synthetic_state_dict
@@ -51,7 +52,7 @@ __all__ = ["DTYPES", "Weights", "assert_parity", "compare", "make_pixels", "reso
 
 Mode = Literal["both", "propagated", "isolated"]
 MODES = ("both", "propagated", "isolated")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = DTYPE_NAMES
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp64": "float64"}
 
 

@@ -115,9 +115,7 @@ def test_vision_model_and_paligemma_layouts_sharded(tmp_path, layout, hf):
     layouts.save_sharded(tmp_path / "src", shards)
     config = (
         # vision_use_head stated, as real PaliGemma configs do (absent, transformers reads a head)
-        {"model_type": "paligemma", "vision_config": cfg.to_dict()}
-        if layout != "flat"
-        else cfg.to_dict()
+        {"model_type": "paligemma", "vision_config": cfg.to_dict()} if layout != "flat" else cfg.to_dict()
     )
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
     if layout != "flat":  # the language-model shard is never needed: delete it to prove it

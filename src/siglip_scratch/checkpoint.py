@@ -322,6 +322,18 @@ PREFIX_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+# The order rules are tried in: the longest prefix first (vision_tower.vision_model. before vision_tower.).
+PREFIX_RULES_LONGEST_FIRST = tuple(sorted(PREFIX_RULES, key=lambda r: -len(r[0])))
+
+# Floating dtypes by the names the CLIs and the Python API take.
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
 def map_vision_keys(keys: Iterable[str]) -> tuple[dict[str, str], list[str], list[str]]:
     """Map checkpoint keys to canonical ``vision_model.…`` keys by `PREFIX_RULES`.
 
@@ -331,7 +343,7 @@ def map_vision_keys(keys: Iterable[str]) -> tuple[dict[str, str], list[str], lis
     mapping: dict[str, str] = {}
     dropped: list[str] = []
     unmatched: list[str] = []
-    rules = sorted(PREFIX_RULES, key=lambda r: -len(r[0]))
+    rules = PREFIX_RULES_LONGEST_FIRST
     for key in keys:
         for prefix, target in rules:
             if key == prefix or key.startswith(prefix):
