@@ -92,11 +92,15 @@ def test_paligemma_config():
             "patch_size": 14,
             "projection_dim": 2048,
             "projector_hidden_act": "gelu_fast",
+            "vision_use_head": False,  # stated in the hub's config.json
         },
     }
     c = SiglipVisionConfig.from_dict(hub)
     assert c == get_preset("google/paligemma-3b-pt-224")
     assert c.image_size == 224 and c.vision_use_head is False
+    # Absent, it means a head, as transformers reads it (PaliGemma's config has no default of its own).
+    del hub["vision_config"]["vision_use_head"]
+    assert SiglipVisionConfig.from_dict(hub).vision_use_head is True
 
 
 def test_vision_config_flat_and_ignored_keys():
