@@ -93,7 +93,56 @@ def main(argv: list[str] | None = None) -> int:
     return run(_main, build_parser().parse_args(argv))
 
 
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Flags that would be silently ignored are usage errors, raised before any work."""
+    from siglip_scratch.errors import InputError
+
+    golden = args.check_golden or args.update_golden
+    if golden:
+        ignored = [
+            f
+            for f, v in (
+                ("--weights", args.weights),
+                ("--model", args.model),
+                ("--candidate", args.candidate),
+                ("--rename", args.rename),
+            )
+            if v
+        ]
+        if ignored:
+            raise InputError(
+                f"--check-golden/--update-golden run the pinned synthetic cases and would ignore {', '.join(ignored)}",
+                "golden",
+                "drop them (only --preset selects a golden case)",
+            )
+    if args.rename and not args.candidate:
+        raise InputError(
+            "--rename renames a candidate's modules, but no --candidate was given",
+            "--rename",
+            "add --candidate module:factory",
+        )
+    if args.allow_unloaded and not args.candidate:
+        raise InputError(
+            "--allow-unloaded applies to a candidate, but no --candidate was given",
+            "--allow-unloaded",
+            "add --candidate module:factory",
+        )
+    for name in ("json", "markdown", "plot"):
+        target = getattr(args, name)
+        if target and Path(target).is_dir():
+            raise OutputError("is a folder, not a file", target, f"give --{name} a file path")
+        if target and not Path(target).resolve().parent.is_dir():
+            raise OutputError("output folder does not exist", target, "create it first")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise InputError(
+            f"cannot tell the plot format from {Path(args.plot).suffix or 'no suffix'!r}",
+            args.plot,
+            "end the name in .png, .pdf or .svg",
+        )
+
+
 def _main(args: argparse.Namespace) -> int:
+    _check_combinations(args)
     if args.check_golden or args.update_golden:
         from .golden import run_golden
 
@@ -106,10 +155,6 @@ def _main(args: argparse.Namespace) -> int:
     check_device(args.device)  # before any weights are read
 
     rules = load_rename_map(args.rename) if args.rename else None
-    for name in ("json", "markdown", "plot"):
-        target = getattr(args, name)
-        if target and not Path(target).resolve().parent.is_dir():
-            raise OutputError("output folder does not exist", target, "create it first")
     report = compare(
         weights=args.weights,
         model=args.model,

@@ -279,6 +279,11 @@ def test_cli_fail_exit_1_with_marked_row(tmp_path, capsys, hf):
         (["--preset", "google/siglip-base-patch16-224", "--device", "foo"], "unknown device 'foo'"),
         (["--preset", "google/siglip-base-patch16-224", "--device", "meta"], "device type 'meta' cannot run"),
         (["--preset", "google/siglip-base-patch16-224", "--device", "tpu"], "unknown device 'tpu'"),
+        (["--preset", "google/siglip-base-patch16-224", "--rename", "x.json"], "no --candidate was given"),
+        (["--preset", "google/siglip-base-patch16-224", "--allow-unloaded", "x"], "no --candidate was given"),
+        (["--check-golden", "--weights", "w"], "would ignore --weights"),
+        (["--preset", "google/siglip-base-patch16-224", "--plot", "out.txt"], "cannot tell the plot format"),
+        (["--preset", "google/siglip-base-patch16-224", "--json", "/tmp"], "is a folder, not a file"),
     ],
 )
 @covers("P01", "P02", "P06")
@@ -296,7 +301,9 @@ def test_cli_rename_errors(tmp_path, capsys, hf):
     (tmp_path / "badgroup.json").write_text('{"rename": [["blocks", "\\\\1"]]}')
     for name, needle in (("bad.json", "not valid JSON"), ("badre.json", "does not compile"), ("badgroup", "group 1")):
         path = tmp_path / (name if name.endswith(".json") else name + ".json")
-        rc = parity_main(["--preset", "google/siglip-base-patch16-224", "--rename", str(path)])
+        rc = parity_main(
+            ["--preset", "google/siglip-base-patch16-224", "--candidate", f"{EXAMPLE}:build", "--rename", str(path)]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and needle in err, err
 
