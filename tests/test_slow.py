@@ -34,4 +34,5 @@ def test_the_parity_suite_passes(capsys, hf):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "golden fingerprints hold" in out, out
-    assert all(("synthetic" in line or "real" in line) for line in out.splitlines() if line.startswith("siglip-")), out
+    rows = [line for line in out.splitlines() if line.startswith("siglip-") and " both/" in line]
+    assert len(rows) == 6 and all((" synthetic " in r or " real " in r) for r in rows), out
