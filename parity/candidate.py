@@ -209,9 +209,10 @@ def load_weights_into(
         result = candidate.load_state_dict(assign, strict=False, assign=True)
         assert not result.unexpected_keys and set(result.missing_keys) == set(current) - set(assign)
 
-    after = candidate.state_dict(keep_vars=True)
+    # Filled by the loader (checked NaN-free above) or assigned by the rules (the checkpoint's own tensor,
+    # whatever it holds: NaN weights are reported as nonfinite_weights, not as unloaded).
     loaded = filled | set(assign)
-    unloaded = sorted(k for k in weights if k not in loaded or k not in after or _still_placeholder(after[k]))
+    unloaded = sorted(k for k in weights if k not in loaded)
     allowed = [k for k in unloaded if any(p.fullmatch(k) for p in allow_unloaded)]
     if hook is None:
         missing = list(unloaded)
