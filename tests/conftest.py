@@ -60,8 +60,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.transformers)
 
 
-@pytest.fixture
-def hf():
+def require_transformers():
     """transformers, the reference. Under `make test` (SIGLIP_REQUIRE_TRANSFORMERS=1) its absence
     fails the test instead of skipping it, so a broken install cannot pass silently."""
     if os.environ.get("SIGLIP_REQUIRE_TRANSFORMERS") == "1":
@@ -69,3 +68,9 @@ def hf():
 
         return transformers
     return pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def hf():
+    """transformers (see `require_transformers`)."""
+    return require_transformers()
