@@ -8,9 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 # The second reference version the parity tests run against (transformers 4.57 layout).
 VENV457 ?= .venv-457
 PY457 := $(VENV457)/bin/python
+# The peers venv for `make compat`: timm and open_clip need torchvision, which installs beside
+# torch 2.14.1 (a CUDA build of several GB that runs on the CPU here), not beside 2.13.0.
+VENVC ?= .venv-compat
+PYC := $(VENVC)/bin/python
+COMPAT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install install-457 test test-457 test-slow lint format parity bench bench-quick compat fuzz clean
+.PHONY: install install-457 install-compat test test-457 test-slow lint format parity bench bench-quick compat fuzz clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -58,14 +63,21 @@ bench: install
 bench-quick: install
 	$(PY) -m siglip_scratch.bench --quick --out bench-results/quick
 
-## compat: the cross-check against timm's own forward, where timm (and torchvision) install
-compat: install
-	$(PY) -m pip install $(PIP_FLAGS) timm || { echo "make compat: timm does not install here (it needs torchvision)"; exit 1; }
-	$(PY) -m pytest -q tests/test_timm_compat.py
+## compat: the converter against timm's and open_clip's own forward, the fast processor against
+## transformers' torchvision one; in its own venv (torchvision has no build beside torch 2.13.0 CPU)
+compat: install-compat
+	SIGLIP_REQUIRE_COMPAT=1 SIGLIP_REQUIRE_TRANSFORMERS=1 $(PYC) -m pytest -q -m compat
+
+install-compat: $(VENVC)/.installed
+$(VENVC)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENVC)
+	$(PYC) -m pip install $(PIP_FLAGS) $(COMPAT_TORCH_SPEC)
+	$(PYC) -m pip install $(PIP_FLAGS) timm open_clip_torch -e ".[dev]"
+	touch $@
 
 ## fuzz: a longer property-based fuzzing campaign over every reader (hypothesis "fuzz" profile)
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 clean:
-	rm -rf $(VENV) $(VENV457) .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf $(VENV) $(VENV457) $(VENVC) .pytest_cache .ruff_cache build src/*.egg-info

@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
     p.add_argument("--no-head", action="store_true", help="drop the MAP head (vision_use_head: false)")
     p.add_argument("--config", metavar="FILE", help="config.json to use instead of the source's or the inferred one")
+    p.add_argument(
+        "--hidden-act",
+        choices=["gelu_pytorch_tanh", "gelu"],
+        help="the activation to write into config.json instead of the source's; timm/open_clip state dicts "
+        "carry none and get gelu_pytorch_tanh (the training numerics) unless this says gelu (what timm runs)",
+    )
     p.add_argument("--max-shard-size", metavar="SIZE", help="shard past this size, e.g. 2GB")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
@@ -88,6 +94,7 @@ def _main(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
+        hidden_act=args.hidden_act,
     )
     if not args.verify:
         return EXIT_OK

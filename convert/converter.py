@@ -48,6 +48,7 @@ def convert(
     allow_nonfinite: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    hidden_act: str | None = None,
 ) -> ConvertResult:
     """Convert ``source`` into a vision-only safetensors folder at ``output_dir``.
 
@@ -57,6 +58,8 @@ def convert(
         no_head: drop the MAP head and set ``vision_use_head: false``.
         config: a config.json to use instead of the source's (or of the one inferred from shapes).
         max_shard_size: shard past this many bytes ("5GB", "500MB", or an int).
+        hidden_act: "gelu" or "gelu_pytorch_tanh" instead of what the config says (timm and open_clip
+            state dicts carry no activation: tanh is assumed, as the checkpoints were trained).
     Raises:
         SiglipScratchError subclasses; on any error nothing is left at ``output_dir``.
     """
@@ -69,7 +72,7 @@ def convert(
     folder = OutputFolder(Path(output_dir), force=force)
     folder.check()  # refuse before downloading or reading anything
 
-    plan = plan_conversion(source, revision=revision, config_file=config, no_head=no_head)
+    plan = plan_conversion(source, revision=revision, config_file=config, no_head=no_head, hidden_act=hidden_act)
     log(f"source: {plan.detected}")
     log(f"layout: {plan.layout}")
     for note in plan.notes:

@@ -38,7 +38,11 @@ class Leaf:
     sources: tuple[str, ...]
 
 
-def _gelu(x: torch.Tensor) -> torch.Tensor:  # flax nn.gelu / timm SigLIP: the tanh approximation
+def _gelu(x: torch.Tensor, hidden_act: str = "gelu_pytorch_tanh") -> torch.Tensor:
+    """flax ``nn.gelu`` (big_vision's default) is the tanh approximation; timm runs what the output
+    config says (``--hidden-act``)."""
+    if hidden_act == "gelu":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
@@ -141,7 +145,7 @@ def timm(get: Get, config: SiglipVisionConfig, pixels: torch.Tensor) -> dict[str
         return out
 
     def mlp(site: str, src: str, h: torch.Tensor) -> torch.Tensor:
-        return linear(f"{site}.fc2", src + "fc2.", _gelu(linear(f"{site}.fc1", src + "fc1.", h)))
+        return linear(f"{site}.fc2", src + "fc2.", _gelu(linear(f"{site}.fc1", src + "fc1.", h), config.hidden_act))
 
     conv = F.conv2d(pixels, get("patch_embed.proj.weight"), get("patch_embed.proj.bias"), stride=config.patch_size)
     leaves["vision_model.embeddings.patch_embedding"] = Leaf(

@@ -24,9 +24,9 @@ from siglip_scratch.checkpoint import (
     check_state_shapes,
     folder_safetensors,
 )
-from siglip_scratch.config import SiglipVisionConfig
+from siglip_scratch.config import PRESETS, SUPPORTED_ACTIVATIONS, SiglipVisionConfig
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
-from siglip_scratch.files import read_json
+from siglip_scratch.files import is_sha256, read_json
 from siglip_scratch.modeling import expected_shapes
 from siglip_scratch.processor import BICUBIC, BILINEAR, SiglipImageProcessor
 
@@ -87,8 +87,16 @@ def plan_conversion(
     revision: str | None = None,
     config_file: str | None = None,
     no_head: bool = False,
+    hidden_act: str | None = None,
 ) -> Plan:
-    """Detect ``source`` (hub id, HF folder, .safetensors/.bin/.pt/.npz file) and plan the output."""
+    """Detect ``source`` (hub id, HF folder, .safetensors/.bin/.pt/.npz file) and plan the output.
+
+    ``hidden_act`` overrides the activation the config says (or the tanh GELU assumed for a timm or
+    open_clip state dict, which carries none)."""
+    if hidden_act is not None and hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise InputError(
+            f"unsupported hidden_act {hidden_act!r}", "--hidden-act", f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
     path = Path(source)
     override = SiglipVisionConfig.from_pretrained(config_file) if config_file else None
     provenance: dict[str, Any] = {"source": source}
@@ -125,12 +133,16 @@ def plan_conversion(
         family = "big_vision"
         layout, rows, root, drops, notes = _npz_layout(keys, str(weights))
         planned, used = _apply_table(rows, store, root, keys, use_head=not no_head)
-        inferred = _infer_config(store, root, "npz") if override is None else None
+        inferred = _infer_config(store, root, "npz", None, notes) if override is None else None
     elif _looks_timm(keys):
         family = "timm"
-        layout, root, drops, notes = _timm_layout(keys)
+        timm_config = _timm_config(folder)
+        act_layer = _timm_act_layer(timm_config, str(folder / "config.json"))
+        layout, root, drops, notes = _timm_layout(keys, act_layer, hidden_act)
         planned, used = _apply_table(TIMM_TABLE, store, root, keys, use_head=not no_head)
-        inferred = _infer_config(store, root, "timm") if override is None else None
+        inferred = None
+        if override is None:
+            inferred = _infer_config(store, root, "timm", _timm_image_size(timm_config), notes)
     else:
         layout, planned, used, drops, notes = _hf_layout(store)
         inferred = None
@@ -155,6 +167,9 @@ def plan_conversion(
         )
 
     config = override or _folder_config(folder, kind, inferred, inputs)
+    if hidden_act is not None and hidden_act != config.hidden_act:
+        notes.append(f"hidden_act {hidden_act} from --hidden-act (the config says {config.hidden_act})")
+        config = config.replace(hidden_act=hidden_act)
     if no_head:
         config = config.replace(vision_use_head=False)
         planned = [p for p in planned if not p.key.startswith("vision_model.head.")]
@@ -231,7 +246,7 @@ def _hub_blob_sha256(path: Path) -> str | None:
         target = path.resolve()
     except OSError:
         return None
-    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+    if target.parent.name == "blobs" and is_sha256(target.name):
         return target.name
     return None
 
@@ -296,7 +311,54 @@ def _looks_timm(keys: Sequence[str]) -> bool:
     return any(k.endswith("patch_embed.proj.weight") for k in keys)
 
 
-def _timm_layout(keys: Sequence[str]) -> tuple[str, str, list[str], list[str]]:
+# timm's act_layer names (a save_for_hf config.json's model_args) -> transformers' hidden_act
+TIMM_ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _timm_config(folder: Path) -> dict[str, Any] | None:
+    """A timm ``save_for_hf`` config.json beside the weights (it names an ``architecture``), else None."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    data = read_json(file, what="config", error=InputError, fix="fix or replace config.json")
+    return data if isinstance(data, dict) and isinstance(data.get("architecture"), str) else None
+
+
+def _timm_act_layer(timm_config: dict[str, Any] | None, where: str) -> str | None:
+    """The activation a timm config builds the model with: ``model_args.act_layer``, else timm's
+    default for its SigLIP ViTs ("gelu", exact). None without a config (a bare state dict says
+    nothing about its activation)."""
+    if timm_config is None:
+        return None
+    args = timm_config.get("model_args") if isinstance(timm_config.get("model_args"), dict) else {}
+    act = args.get("act_layer", "gelu")
+    if act not in TIMM_ACTIVATIONS:
+        raise ConfigError(
+            f"timm act_layer {act!r} has no SigLIP equivalent",
+            f"{where}: model_args.act_layer",
+            "use gelu or gelu_tanh",
+        )
+    return act
+
+
+def _timm_image_size(timm_config: dict[str, Any] | None) -> int | None:
+    """The square input size a timm config states (``model_args.img_size``, else
+    ``pretrained_cfg.input_size``), or None."""
+    if timm_config is None:
+        return None
+    args = timm_config.get("model_args") if isinstance(timm_config.get("model_args"), dict) else {}
+    cfg = timm_config.get("pretrained_cfg") if isinstance(timm_config.get("pretrained_cfg"), dict) else {}
+    size = args.get("img_size")
+    if size is None and isinstance(cfg.get("input_size"), list) and len(cfg["input_size"]) == 3:
+        size = cfg["input_size"][1:]
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _timm_layout(
+    keys: Sequence[str], act_layer: str | None, hidden_act: str | None
+) -> tuple[str, str, list[str], list[str]]:
     anchor = next(k for k in keys if k.endswith("patch_embed.proj.weight"))
     root = anchor[: -len("patch_embed.proj.weight")]
     if root not in ("", "trunk.", "visual.trunk.", "module."):
@@ -305,10 +367,14 @@ def _timm_layout(keys: Sequence[str]) -> tuple[str, str, list[str], list[str]]:
     # Outside the trunk (open_clip's text tower, logit_scale/bias) or not part of a SigLIP tower
     # (timm's classifier `head` and `fc_norm`): dropped and reported.
     drops = [k for k in keys if not k.startswith(root) or k[len(root) :].startswith(("head.", "fc_norm."))]
-    notes = [
-        "timm's SigLIP v1 models default to exact GELU, but the checkpoints were trained with the tanh "
-        "approximation: the output config keeps hidden_act gelu_pytorch_tanh"
-    ]
+    notes = []
+    if hidden_act is None and act_layer != "gelu_tanh":
+        runs = "this timm config builds it with" if act_layer else "timm and open_clip build SigLIP ViTs with"
+        notes.append(
+            f"{runs} exact GELU, but the checkpoints were trained with the tanh approximation: the output "
+            "config keeps hidden_act gelu_pytorch_tanh (as transformers' google/siglip-* configs); pass "
+            "--hidden-act gelu to reproduce timm's own forward instead"
+        )
     if drops:
         notes.append(f"dropped {len(set(drops))} tensor(s) outside the vision trunk")
     return layout, root, sorted(set(drops)), notes
@@ -413,7 +479,10 @@ def _shape(store: Store, key: str, rank: int) -> tuple[int, ...]:
     return shape
 
 
-def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
+def _infer_config(store: Store, root: str, kind: str, stated_size: int | None, notes: list[str]) -> SiglipVisionConfig:
+    """The config from tensor shapes. The grid fixes ``image_size`` only up to the patch (so400m/14's
+    27x27 grid is 378 to 391 px): a size the source states wins, then the one hub preset of these
+    exact shapes (384 for so400m/14), then grid x patch; ``notes`` says which."""
     keys = set(store.keys())
     layers = _layer_count(list(keys), root)
     if kind == "npz":
@@ -437,7 +506,7 @@ def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
     grid = math.isqrt(n)
     if grid * grid != n or n == 0:
         raise ConfigError(f"position table of {n} entries is not a square grid", "pos_embedding", "pass --config")
-    return SiglipVisionConfig(
+    config = SiglipVisionConfig(
         hidden_size=d,
         intermediate_size=inter,
         num_hidden_layers=layers,
@@ -447,6 +516,29 @@ def _infer_config(store: Store, root: str, kind: str) -> SiglipVisionConfig:
         patch_size=p,
         vision_use_head=head,
     )
+    if stated_size is not None:
+        if stated_size // p != grid:
+            raise ConfigError(
+                f"the timm config's image size {stated_size} does not fit the {grid}x{grid} position grid of patch {p}",
+                "config.json: model_args.img_size",
+                "pass --config with the right image_size",
+            )
+        notes.append(f"image_size {stated_size} from the timm config")
+        return config.replace(image_size=stated_size)
+    sizes = {
+        (hub_id, preset.image_size)
+        for hub_id, preset in PRESETS.items()
+        if preset.replace(image_size=config.image_size, vision_use_head=head) == config
+        and preset.image_size // p == grid
+        and preset.image_size != config.image_size
+    }
+    if len({size for _, size in sizes}) == 1:
+        hub_id, size = min(sizes)
+        notes.append(
+            f"image_size {size} as {hub_id} (a {grid}x{grid} grid of {p}-px patches fits {grid * p}–{grid * p + p - 1} px)"
+        )
+        return config.replace(image_size=size)
+    return config
 
 
 def _model_name(folder: Path) -> str | None:

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from siglip_scratch import SiglipVisionConfig, SiglipVisionModel
+from siglip_scratch.config import TINY_CONFIG
 
 # Fuzzing budgets: `ci` for `make test` (seconds), `fuzz` for `make fuzz` (a longer campaign).
 # The deadline turns a hang into a failure.
@@ -16,9 +17,7 @@ settings.register_profile("ci", max_examples=40, deadline=5000, suppress_health_
 settings.register_profile("fuzz", max_examples=2000, deadline=10000, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-TINY = SiglipVisionConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-)
+TINY = TINY_CONFIG
 # head_dim 18 and an odd grid: catches reshapes that only work for "nice" sizes.
 TINY_ODD = SiglipVisionConfig(
     hidden_size=72, intermediate_size=100, num_hidden_layers=3, num_attention_heads=4, image_size=42, patch_size=14

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from siglip_scratch import SiglipVisionConfig, SiglipVisionModel, get_preset
+from siglip_scratch import ConfigError, SiglipVisionConfig, SiglipVisionModel, get_preset
 from siglip_scratch.convert import convert
 from siglip_scratch.convert.cli import main as convert_main
 from siglip_scratch.modeling import synthetic_state_dict
@@ -261,7 +261,7 @@ def test_timm_and_open_clip_layouts(tmp_path, prefix, capsys):
 @pytest.mark.parametrize("wrapper", ["state_dict", "model"])
 def test_open_clip_training_checkpoint_is_unwrapped(tmp_path, wrapper, capsys):
     """open_clip's training loop saves {"epoch", "name", "state_dict": DDP-prefixed weights, "optimizer"}.
-    open_clip cannot run here (it needs torchvision), so the wrapper is built as its train code writes it."""
+    Built here as its train code writes it; `make compat` (test_compat.py) does it with open_clip itself."""
     cfg = get_preset("google/siglip-base-patch16-224").replace(num_hidden_layers=2)
     state = synthetic_state_dict(cfg, seed=8)
     weights = {"module." + k: v for k, v in layouts.to_timm(state, cfg, prefix="visual.trunk.").items()}
@@ -273,6 +273,64 @@ def test_open_clip_training_checkpoint_is_unwrapped(tmp_path, wrapper, capsys):
     assert f"training checkpoint: weights taken from '{wrapper}' (ignored: epoch, name, optimizer)" in out, out
     assert "'module.' prefix removed" in out and "open_clip SigLIP" in out, out
     assert_same_tensors(read_folder(tmp_path / "out"), state)
+
+
+def test_hidden_act_flag_sets_the_activation_and_silences_the_note(tmp_path, capsys):
+    cfg = get_preset("google/siglip-base-patch16-224").replace(num_hidden_layers=1)
+    torch.save(layouts.to_timm(synthetic_state_dict(cfg, seed=2), cfg), tmp_path / "model.pt")
+    assert convert_main([str(tmp_path / "model.pt"), str(tmp_path / "a"), "--hidden-act", "gelu"]) == 0
+    out = capsys.readouterr().out
+    assert SiglipVisionConfig.from_pretrained(tmp_path / "a").hidden_act == "gelu"
+    assert "exact GELU" not in out and "hidden_act gelu from --hidden-act" in out, out
+    with pytest.raises(SystemExit) as exc:
+        convert_main([str(tmp_path / "model.pt"), str(tmp_path / "b"), "--hidden-act", "relu"])
+    assert exc.value.code == 2 and not (tmp_path / "b").exists()
+
+
+class _Shapes:
+    """Only what config inference reads: key names and shapes (a full so400m file is 1.6 GB)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
+
+
+def test_inferred_image_size_is_the_stated_or_the_presets_not_grid_times_patch():
+    """so400m/14's 27x27 grid is 378 px by grid x patch, but the checkpoint is the 384-px one: the
+    preprocessor must resize to 384 like google/siglip-so400m-patch14-384's does."""
+    from siglip_scratch.convert.sources import _infer_config
+
+    cfg = get_preset("google/siglip-so400m-patch14-384")
+    one = cfg.replace(num_hidden_layers=1)
+    sd = layouts.to_timm(synthetic_state_dict(one), one)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    shapes.update(
+        {
+            k.replace("blocks.0.", f"blocks.{i}."): v
+            for k, v in shapes.items()
+            if k.startswith("blocks.0.")
+            for i in range(1, 27)
+        }
+    )
+    notes: list[str] = []
+    got = _infer_config(_Shapes(shapes), "", "timm", None, notes)
+    assert got == cfg, got
+    assert notes == [
+        "image_size 384 as google/siglip-so400m-patch14-384 (a 27x27 grid of 14-px patches fits 378–391 px)"
+    ]
+    notes.clear()
+    assert _infer_config(_Shapes(shapes), "", "timm", 380, notes).image_size == 380 and "timm config" in notes[0]
+    with pytest.raises(ConfigError, match="does not fit the 27x27 position grid"):
+        _infer_config(_Shapes(shapes), "", "timm", 400, [])
+    # A shape no preset has keeps grid x patch, with nothing to say.
+    small = {k: v for k, v in shapes.items() if not k.startswith(tuple(f"blocks.{i}." for i in range(1, 27)))}
+    notes.clear()
+    assert _infer_config(_Shapes(small), "", "timm", None, notes).image_size == 378 and notes == []
 
 
 def test_timm_of_unknown_width_needs_and_takes_config(tmp_path, capsys):

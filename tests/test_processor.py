@@ -124,3 +124,23 @@ def test_bad_config_values():
         SiglipImageProcessor.from_dict({"size": {"shortest_edge": 224}})
     with pytest.raises(InputError, match="no images"):
         SiglipImageProcessor()([])
+
+
+def test_fast_backend_is_its_own_arithmetic_and_checks_its_inputs():
+    """The fast backend (tested against transformers' torchvision processor under `make compat`) is
+    not the PIL one: on a photo-like image they differ by a few uint8 levels, as transformers' two do."""
+    images = [_image("RGB", size, i) for i, size in enumerate(SIZES)]
+    pil, fast = SiglipImageProcessor(), SiglipImageProcessor(backend="fast")
+    assert pil.backend == "pil"
+    a, b = pil(images), fast(images)
+    assert a.shape == b.shape and b.dtype == torch.float32
+    d = (a - b).abs().max().item()
+    assert 1e-3 < d < 0.05, f"pil vs fast: max |Δ| = {d:.3e}"
+    # Already at size: no resampling, and both backends agree to float32 rounding of the fused normalize.
+    same = [_image("RGB", (224, 224), 9)]
+    assert (pil(same) - fast(same)).abs().max().item() <= 1e-6
+    with pytest.raises(ConfigError, match="backend"):
+        SiglipImageProcessor(backend="torchvision")
+    with pytest.raises(ConfigError, match="bilinear or bicubic only"):
+        SiglipImageProcessor(backend="fast", resample=0)
+    assert SiglipImageProcessor.from_dict({"backend": "fast"}).backend == "fast"

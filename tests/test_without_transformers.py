@@ -46,3 +46,39 @@ def test_core_runs_without_transformers():
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
     assert 'pip install "siglip-scratch[parity]"' in proc.stdout, proc.stdout
+
+
+def test_core_imports_none_of_its_judges():
+    """The core (src/siglip_scratch) must not import the harness, the converter or the benchmark:
+    `import siglip_scratch` loads none of them, and no core module names them in an import."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[1] / "src" / "siglip_scratch"
+    judged = ("parity", "convert", "bench", "transformers")
+    offenders = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            for name in names:
+                parts = name.lstrip(".").split(".")
+                if any(p in judged for p in parts):
+                    offenders.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not offenders, "the core imports what judges it: " + "; ".join(offenders)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, siglip_scratch; print(sorted(m for m in sys.modules if m.startswith('siglip_scratch.')))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = eval(proc.stdout)
+    assert not [m for m in loaded if m.split(".")[1] in judged], loaded

@@ -23,7 +23,7 @@ from typing import Any
 from .errors import ConfigError
 from .files import read_json
 
-__all__ = ["PRESETS", "SUPPORTED_ACTIVATIONS", "SiglipVisionConfig", "get_preset"]
+__all__ = ["PRESETS", "SUPPORTED_ACTIVATIONS", "TINY_CONFIG", "SiglipVisionConfig", "get_preset"]
 
 # hidden_act values we implement, and what transformers maps them to.
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
@@ -220,6 +220,13 @@ PRESETS: dict[str, SiglipVisionConfig] = {
     "google/paligemma-3b-pt-448": _base(448, patch_size=14, vision_use_head=False, **_SO400M),
     "google/paligemma-3b-pt-896": _base(896, patch_size=14, vision_use_head=False, **_SO400M),
 }
+
+
+# Structure-true but tiny (2 layers, 4 heads, a 4x4 grid): what tests and smoke runs build in
+# milliseconds. Not a checkpoint; kept out of PRESETS, which are keyed by hub ids.
+TINY_CONFIG = SiglipVisionConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def get_preset(hub_id: str) -> SiglipVisionConfig:

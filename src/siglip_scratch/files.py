@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 from .errors import SiglipScratchError, SourceError
 
-__all__ = ["read_json", "sha256_file"]
+__all__ = ["is_sha256", "read_json", "sha256_file"]
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    """A lowercase hex sha256 digest (what the hub names LFS blobs and reports as an ETag)."""
+    return _SHA256.fullmatch(text) is not None
 
 
 def read_json(

@@ -10,13 +10,12 @@ client's exceptions into one-line `SourceError`s that say what to do.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, map_vision_keys, read_index
 from .errors import SourceError
-from .files import sha256_file
+from .files import is_sha256, sha256_file
 
 __all__ = ["RETRIES", "download_vision_checkpoint", "hub_file"]
 
@@ -24,7 +23,6 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 BIN_INDEX_NAME, BIN_WEIGHTS_NAME = "pytorch_model.bin.index.json", "pytorch_model.bin"
 RETRIES = 2  # extra attempts for transient failures (the hub client retries HEAD 5xx itself too)
 BACKOFF_S = float(os.environ.get("SIGLIP_HUB_BACKOFF_S", "0.5"))  # 0.5 s, 1 s, 2 s, ...
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -145,7 +143,7 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, option
         if isinstance(cached, str):
             return path  # was in the cache before this call: verified when it arrived
         expected = path.resolve().name
-        if not _SHA256.fullmatch(expected):
+        if not is_sha256(expected):
             return path  # a small git-tracked file: the hub gives no sha256 for it
         actual = sha256_file(path)
         if actual == expected:

@@ -1,14 +1,23 @@
 """`SiglipImageProcessor`: PIL images in, float32 ``[B, 3, H, W]`` out. No torchvision.
 
-The steps and their arithmetic follow transformers' PIL image processor (``SiglipImageProcessorPil``
-in 5.x, ``SiglipImageProcessor`` in 4.57): any mode to RGB with transparency composited onto white,
-PIL resize on uint8, rescale in float64 then float32, normalize in float32.
+Two backends, one per transformers image processor (they differ by up to 0.016 on the same image):
+
+- ``backend="pil"`` follows transformers' PIL processor (``SiglipImageProcessorPil`` in 5.x,
+  ``SiglipImageProcessor`` in 4.57): any mode to RGB, PIL resize on uint8, rescale in float64 then
+  float32, normalize in float32.
+- ``backend="fast"`` follows the tensor ("fast") processor (``SiglipImageProcessor`` in 5.x when
+  torchvision imports, ``SiglipImageProcessorFast`` in 4.57), with torch alone: the same RGB
+  conversion, then ``torch.nn.functional.interpolate(antialias=True)`` on the uint8 image (the
+  kernel torchvision's ``resize`` picks on CPU: native uint8, or through float32 with rounding
+  where torchvision does that), then rescale and normalize fused as ``(x - 255·mean) / (255·std)``
+  in float32.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,7 +31,7 @@ from .config import SiglipVisionConfig
 from .errors import ConfigError, InputError, SourceError
 from .files import read_json
 
-__all__ = ["SiglipImageProcessor", "load_image", "to_rgb"]
+__all__ = ["BACKENDS", "SiglipImageProcessor", "load_image", "to_rgb"]
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray
 
@@ -69,6 +78,8 @@ class SiglipImageProcessor:
     2 (bilinear) for SigLIP 2 fixed-resolution checkpoints. ``transparency`` says what happens to
     transparent pixels: ``"white"`` composites onto white (transformers 5.x), ``"drop"`` discards
     alpha and keeps the colour underneath (transformers 4.57). Opaque images are unaffected.
+    ``backend`` picks the arithmetic: ``"pil"`` (transformers' PIL processor) or ``"fast"`` (its
+    tensor processor, the 5.x default where torchvision is installed); see the module docstring.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -81,6 +92,7 @@ class SiglipImageProcessor:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     do_convert_rgb: bool = True
     transparency: str = "white"
+    backend: str = "pil"
 
     def __post_init__(self) -> None:
         def number(v: object) -> bool:
@@ -88,6 +100,14 @@ class SiglipImageProcessor:
 
         if self.transparency not in ("white", "drop"):
             raise ConfigError(f"unknown transparency {self.transparency!r}", "transparency", 'use "white" or "drop"')
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}", "backend", 'use "pil" or "fast"')
+        if self.backend == "fast" and self.resample not in _TORCH_MODES:
+            raise ConfigError(
+                f"backend 'fast' resizes bilinear or bicubic only, got {_RESAMPLE_NAMES.get(self.resample, self.resample)}",
+                "resample",
+                'use backend="pil" for other PIL filters',
+            )
         size = self.size
         if not (
             isinstance(size, tuple)
@@ -179,6 +199,10 @@ class SiglipImageProcessor:
                     "images",
                     "pass PIL images",
                 )
+            if image.shape[0] == 0 or image.shape[1] == 0:
+                raise InputError(f"image has zero size {image.shape[1::-1]}", "images", None)
+            if self.backend == "fast":  # the tensor processor converts arrays as tensors, not through PIL
+                return self._fast(_rgb_array(image, self.transparency) if self.do_convert_rgb else image)
             image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
         if not isinstance(image, Image.Image):
             raise InputError(f"cannot preprocess {type(image).__name__}", "images", "pass PIL images or file paths")
@@ -186,6 +210,8 @@ class SiglipImageProcessor:
             raise InputError(f"image has zero size {image.size}", "images", None)
         if self.do_convert_rgb:
             image = to_rgb(image, self.transparency)
+        if self.backend == "fast":
+            return self._fast(np.array(image))
         if self.do_resize:
             h, w = self.size
             image = image.resize((w, h), resample=self.resample)
@@ -202,6 +228,22 @@ class SiglipImageProcessor:
             arr = (arr - mean) / std
         return arr.astype(np.float32, copy=False)
 
+    def _fast(self, arr: np.ndarray) -> np.ndarray:
+        """The tensor processor's arithmetic on one RGB (or, without ``do_convert_rgb``, any) uint8 image."""
+        image = torch.from_numpy(arr if arr.ndim == 3 else arr[:, :, None]).permute(2, 0, 1)[None]
+        if self.do_resize and tuple(image.shape[-2:]) != self.size:
+            image = _interpolate_uint8(image, self.size, self.resample)
+        if self.do_rescale and self.do_normalize:  # fused: (x - mean/factor) / (std/factor)
+            mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
+            std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
+            image = image.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
+        elif self.do_normalize:
+            mean, std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
+            image = image.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
+        elif self.do_rescale:
+            image = image * self.rescale_factor
+        return image[0].to(torch.float32).numpy()
+
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Images (PIL, paths, or uint8 HWC arrays) to float32 ``pixel_values`` [B, 3, H, W]."""
         if isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)):
@@ -214,6 +256,49 @@ class SiglipImageProcessor:
         if len(shapes) != 1:
             raise InputError(f"images differ in size after preprocessing: {sorted(shapes)}", "images", "set do_resize")
         return torch.from_numpy(np.stack(arrays))
+
+
+BACKENDS = ("pil", "fast")
+
+
+def _rgb_array(arr: np.ndarray, transparency: str) -> np.ndarray:
+    """A uint8 ``[H, W, 1|3|4]`` array to RGB the way the tensor processor converts tensors: grey is
+    repeated; RGBA is composited onto white in float32 and scaled back as torchvision's ``to_dtype``
+    does (``x·(256 − 1e-3)``, truncated), or its alpha dropped."""
+    if arr.shape[-1] == 1:
+        return np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] == 3:
+        return arr
+    if transparency == "drop":
+        return np.ascontiguousarray(arr[..., :3])
+    x = torch.from_numpy(arr).to(torch.float32).mul_(1.0 / 255)
+    rgb = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
+    return rgb.mul(255 + 1.0 - 1e-3).to(torch.uint8).numpy()
+
+
+_TORCH_MODES = {BICUBIC: "bicubic", BILINEAR: "bilinear"}
+
+
+def _interpolate_uint8(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """torchvision ``resize(antialias=True)`` on a uint8 ``[1, C, H, W]`` image, with torch alone.
+
+    Like torchvision 0.2x on CPU: bicubic runs torch's native uint8 antialiased kernel; bilinear does
+    too where the CPU has AVX2/AVX512 (or is ARM), else it goes through float32 and is rounded back.
+    """
+    mode = _TORCH_MODES[resample]  # checked in SiglipImageProcessor.__post_init__
+    native = image.device.type == "cpu" and (
+        mode == "bicubic"
+        or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        or platform.machine() in ("aarch64", "arm64")
+    )
+    if native:
+        return torch.nn.functional.interpolate(image, size=size, mode=mode, align_corners=False, antialias=True)
+    out = torch.nn.functional.interpolate(
+        image.to(torch.float32), size=size, mode=mode, align_corners=False, antialias=True
+    )
+    if mode == "bicubic":
+        out = out.clamp_(0, 255)
+    return out.round_().to(torch.uint8)
 
 
 def _parse_size(value: Any, source: str) -> tuple[int, int]:

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from .config import SiglipVisionConfig, get_preset
-from .modeling import SiglipVisionModel, synthetic_state_dict
+from siglip_scratch.config import TINY_CONFIG, SiglipVisionConfig, get_preset
+from siglip_scratch.modeling import SiglipVisionModel, synthetic_state_dict
 
 __all__ = ["flops_per_image", "main"]
 
@@ -46,9 +46,7 @@ BASE, SO400M, SO400M_384 = (
     "google/siglip-so400m-patch14-224",
     "google/siglip-so400m-patch14-384",
 )
-TINY = SiglipVisionConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-)
+TINY = TINY_CONFIG
 
 
 def flops_per_image(cfg: SiglipVisionConfig) -> float:
@@ -488,7 +486,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.md").write_text(md)
     print("\n" + md)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
