@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", metavar="SIZE", help="shard past this size, e.g. 2GB")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
+        "--full-download",
+        action="store_true",
+        help="hub sources: download whole shards (sha256-checked, kept in the HF cache) instead of reading only "
+        "the vision tensors' byte ranges (the default; a partial read cannot be checked against the file's sha256)",
+    )
+    p.add_argument(
         "--verify",
         action="store_true",
         help="check the output against the source (big_vision/timm computed natively, HF layouts tensor by "
@@ -95,6 +101,8 @@ def _main(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
         hidden_act=args.hidden_act,
+        full_download=args.full_download,
+        keep_source=args.verify,
     )
     if not args.verify:
         return EXIT_OK
@@ -102,7 +110,12 @@ def _main(args: argparse.Namespace) -> int:
     from .verify import verify_output
 
     out_dtype = DTYPES.get(args.dtype) if args.dtype else None
-    passed, text = verify_output(result.output, dtype=args.dtype or "float32", plan=result.plan, out_dtype=out_dtype)
+    try:
+        passed, text = verify_output(
+            result.output, dtype=args.dtype or "float32", plan=result.plan, out_dtype=out_dtype
+        )
+    finally:
+        result.plan.close()
     print(text)
     return EXIT_OK if passed else EXIT_FAIL
 

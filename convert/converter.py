@@ -49,6 +49,8 @@ def convert(
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
     hidden_act: str | None = None,
+    full_download: bool = False,
+    keep_source: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` into a vision-only safetensors folder at ``output_dir``.
 
@@ -60,6 +62,10 @@ def convert(
         max_shard_size: shard past this many bytes ("5GB", "500MB", or an int).
         hidden_act: "gelu" or "gelu_pytorch_tanh" instead of what the config says (timm and open_clip
             state dicts carry no activation: tanh is assumed, as the checkpoints were trained).
+        full_download: for a hub source, download whole shards (sha256-checked, cached) instead of
+            reading only the vision tensors' byte ranges.
+        keep_source: keep a ranged read's scratch files after returning (for ``--verify``; call
+            ``result.plan.close()`` when done). Otherwise they are removed before this returns.
     Raises:
         SiglipScratchError subclasses; on any error nothing is left at ``output_dir``.
     """
@@ -72,69 +78,107 @@ def convert(
     folder = OutputFolder(Path(output_dir), force=force)
     folder.check()  # refuse before downloading or reading anything
 
-    plan = plan_conversion(source, revision=revision, config_file=config, no_head=no_head, hidden_act=hidden_act)
-    log(f"source: {plan.detected}")
-    log(f"layout: {plan.layout}")
-    for note in plan.notes:
-        log(f"note: {note}")
-
-    items = [(p, out_dtype if (out_dtype is not None and p.dtype.is_floating_point) else p.dtype) for p in plan.tensors]
-    shards = _split(items, shard_limit)
-    total = sum(int(torch.Size(p.shape).numel()) * d.itemsize for p, d in items)
-    metadata = {"format": "pt", "siglip_scratch.source": source, "siglip_scratch.version": siglip_scratch.__version__}
-
-    bar = _progress(total, progress)
-    result = ConvertResult(Path(output_dir), plan)
-    pool = ThreadPoolExecutor(max_workers=1)  # input hashes, concurrently with the writes
-    stop = threading.Event()  # set on failure so the worker does not hash gigabytes for nothing
-    pending = {str(f.path): pool.submit(sha256_file, f.path, stop=stop) for f in plan.inputs if f.sha256 is None}
-    try:
-        with folder as tmp:
-            try:
-                for i, shard in enumerate(shards):
-                    name = (
-                        "model.safetensors"
-                        if len(shards) == 1
-                        else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    )
-                    result.files.append(
-                        write_safetensors(tmp / name, shard, metadata, allow_nonfinite=allow_nonfinite, on_bytes=bar)
-                    )
-                if len(shards) > 1:
-                    weight_map = {
-                        p.key: f.name for f, shard in zip(result.files, shards, strict=True) for p, _ in shard
-                    }
-                    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                    result.files.append(write_json(tmp / "model.safetensors.index.json", index))
-                config_dict = plan.config.to_dict()
-                result.files.append(write_json(tmp / "config.json", config_dict))
-                result.files.append(write_json(tmp / "preprocessor_config.json", plan.preprocessor))
-                inputs = [
-                    {"file": str(f.path), "sha256": f.sha256 or pending[str(f.path)].result(), "bytes": _size(f.path)}
-                    for f in plan.inputs
-                ]
-                write_json(
-                    tmp / "conversion.json", _record(source, plan, inputs, result.files, dtype, no_head, shard_limit)
-                )
-            except SiglipScratchError:
-                raise  # SourceError/OutputError are OSErrors too: keep their own message
-            except OSError as exc:
-                if disk_full(exc):
-                    raise OutputError(
-                        "disk full (or file size limit) while writing", str(output_dir), "free space"
-                    ) from None
-                raise OutputError(f"cannot write output ({exc.strerror})", str(output_dir), None) from None
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        bar(None)
-    size_mb = sum(f.bytes for f in result.files) / 1e6
-    log(
-        f"wrote {result.output} ({len(plan.tensors)} tensors, {size_mb:.1f} MB, "
-        f"{dtype or 'source dtype'}, {len(shards)} shard(s); preprocessor {plan.preprocessor_from})"
+    plan = plan_conversion(
+        source,
+        revision=revision,
+        config_file=config,
+        no_head=no_head,
+        hidden_act=hidden_act,
+        full_download=full_download,
     )
+    try:
+        log(f"source: {plan.detected}")
+        log(f"layout: {plan.layout}")
+        for note in plan.notes:
+            log(f"note: {note}")
+        for f in plan.inputs:
+            if f.ranged is not None:
+                r = f.ranged
+                log(
+                    f"fetched {r.bytes_fetched / 1e6:.1f} of {r.size / 1e6:.1f} MB of {r.repo_file} by {r.requests} "
+                    "range request(s) (the vision tensors only; its sha256 cannot be checked on a partial read, "
+                    "--full-download checks it)"
+                )
+
+        items = [
+            (p, out_dtype if (out_dtype is not None and p.dtype.is_floating_point) else p.dtype) for p in plan.tensors
+        ]
+        shards = _split(items, shard_limit)
+        total = sum(int(torch.Size(p.shape).numel()) * d.itemsize for p, d in items)
+        metadata = {
+            "format": "pt",
+            "siglip_scratch.source": source,
+            "siglip_scratch.version": siglip_scratch.__version__,
+        }
+
+        bar = _progress(total, progress)
+        result = ConvertResult(Path(output_dir), plan)
+        pool = ThreadPoolExecutor(max_workers=1)  # input hashes, concurrently with the writes
+        stop = threading.Event()  # set on failure so the worker does not hash gigabytes for nothing
+        pending = {
+            str(f.path): pool.submit(sha256_file, f.path, stop=stop)
+            for f in plan.inputs
+            if f.sha256 is None and f.ranged is None
+        }
+        try:
+            with folder as tmp:
+                try:
+                    for i, shard in enumerate(shards):
+                        name = (
+                            "model.safetensors"
+                            if len(shards) == 1
+                            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                        )
+                        result.files.append(
+                            write_safetensors(
+                                tmp / name, shard, metadata, allow_nonfinite=allow_nonfinite, on_bytes=bar
+                            )
+                        )
+                    if len(shards) > 1:
+                        weight_map = {
+                            p.key: f.name for f, shard in zip(result.files, shards, strict=True) for p, _ in shard
+                        }
+                        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                        result.files.append(write_json(tmp / "model.safetensors.index.json", index))
+                    config_dict = plan.config.to_dict()
+                    result.files.append(write_json(tmp / "config.json", config_dict))
+                    result.files.append(write_json(tmp / "preprocessor_config.json", plan.preprocessor))
+                    inputs = [
+                        f.ranged.record()
+                        if f.ranged is not None
+                        else {
+                            "file": str(f.path),
+                            "sha256": f.sha256 or pending[str(f.path)].result(),
+                            "bytes": _size(f.path),
+                        }
+                        for f in plan.inputs
+                    ]
+                    write_json(
+                        tmp / "conversion.json",
+                        _record(source, plan, inputs, result.files, dtype, no_head, shard_limit),
+                    )
+                except SiglipScratchError:
+                    raise  # SourceError/OutputError are OSErrors too: keep their own message
+                except OSError as exc:
+                    if disk_full(exc):
+                        raise OutputError(
+                            "disk full (or file size limit) while writing", str(output_dir), "free space"
+                        ) from None
+                    raise OutputError(f"cannot write output ({exc.strerror})", str(output_dir), None) from None
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            bar(None)
+        size_mb = sum(f.bytes for f in result.files) / 1e6
+        log(
+            f"wrote {result.output} ({len(plan.tensors)} tensors, {size_mb:.1f} MB, "
+            f"{dtype or 'source dtype'}, {len(shards)} shard(s); preprocessor {plan.preprocessor_from})"
+        )
+    finally:
+        if not keep_source:
+            plan.close()
     return result
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import tempfile
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from siglip_scratch.checkpoint import (
 from siglip_scratch.config import PRESETS, SUPPORTED_ACTIVATIONS, SiglipVisionConfig
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
 from siglip_scratch.files import is_sha256, read_json
+from siglip_scratch.hub import RangedRead
 from siglip_scratch.modeling import expected_shapes
 from siglip_scratch.processor import BICUBIC, BILINEAR, SiglipImageProcessor
 
@@ -59,6 +63,7 @@ class Planned:
 class InputFile:
     path: Path
     sha256: str | None = None  # known already (hub blob name), else computed while converting
+    ranged: RangedRead | None = None  # read in part by HTTP ranges: sha256 is the hub's, not checked
 
 
 @dataclass
@@ -79,6 +84,14 @@ class Plan:
     family: str = "hf"
     root: str = ""
     store: Store | None = None
+    # Ranged hub reads land in a scratch folder that lives as long as the plan (``close`` removes it).
+    scratch: Path | None = None
+
+    def close(self) -> None:
+        """Remove the scratch folder of a ranged hub read (also done when the plan is collected)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
 
 def plan_conversion(
@@ -88,11 +101,14 @@ def plan_conversion(
     config_file: str | None = None,
     no_head: bool = False,
     hidden_act: str | None = None,
+    full_download: bool = False,
 ) -> Plan:
     """Detect ``source`` (hub id, HF folder, .safetensors/.bin/.pt/.npz file) and plan the output.
 
     ``hidden_act`` overrides the activation the config says (or the tanh GELU assumed for a timm or
-    open_clip state dict, which carries none)."""
+    open_clip state dict, which carries none). A hub source's safetensors shards are read by HTTP range
+    requests, only the vision tensors' bytes (see `fetch_vision_ranges`), unless ``full_download`` or
+    offline, or the shard is cached whole already."""
     if hidden_act is not None and hidden_act not in SUPPORTED_ACTIVATIONS:
         raise InputError(
             f"unsupported hidden_act {hidden_act!r}", "--hidden-act", f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
@@ -101,6 +117,7 @@ def plan_conversion(
     override = SiglipVisionConfig.from_pretrained(config_file) if config_file else None
     provenance: dict[str, Any] = {"source": source}
     inputs: list[InputFile] = []
+    scratch: Path | None = None
     if path.is_dir():
         kind, detected = "hf-folder", f"local folder in HF layout: {path}"
         folder, weights = path, _folder_weights(path)
@@ -110,11 +127,8 @@ def plan_conversion(
     elif path.suffix in (".safetensors", ".npz", *PICKLE_SUFFIXES) or source.startswith((".", "/", "~")):
         raise SourceError("no such file or folder", source, "check the path")
     elif HUB_ID.match(source):
-        from siglip_scratch.hub import download_vision_checkpoint
-
-        folder = download_vision_checkpoint(source, revision=revision, allow_pickle=True)
+        folder, commit, scratch = _hub_source(source, revision, full_download, inputs)
         weights = _folder_weights(folder)
-        commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
         provenance.update({"repo_id": source, "revision": revision or "main", "commit": commit})
         kind = "hub"
         detected = f"hub repo {source} (revision {revision or 'main'}, commit {commit or 'unknown'})"
@@ -124,9 +138,58 @@ def plan_conversion(
             source,
             "pass a path that exists, or a hub id like google/siglip-base-patch16-224",
         )
+    try:
+        plan = _plan(source, folder, weights, kind, detected, override, config_file, no_head, hidden_act, inputs)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    plan.provenance = provenance
+    if scratch is not None:
+        plan.scratch = scratch
+        weakref.finalize(plan, shutil.rmtree, scratch, True)
+    return plan
 
+
+def _hub_source(
+    repo_id: str, revision: str | None, full_download: bool, inputs: list[InputFile]
+) -> tuple[Path, str | None, Path | None]:
+    """(the folder to read, the commit, the scratch folder of a ranged read or None)."""
+    from huggingface_hub import constants
+
+    from siglip_scratch.hub import download_vision_checkpoint, fetch_vision_ranges
+
+    if not (full_download or constants.HF_HUB_OFFLINE):
+        scratch = Path(tempfile.mkdtemp(prefix="siglip-convert-ranged-"))
+        try:
+            folder, commit, reads = fetch_vision_ranges(repo_id, revision=revision, scratch=scratch)
+        except LookupError:  # pickle weights only: no ranges, downloaded whole below
+            shutil.rmtree(scratch, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        else:
+            inputs += [InputFile(folder / name, r.sha256, r) for name, r in reads.items()]
+            return folder, commit, scratch
+    folder = download_vision_checkpoint(repo_id, revision=revision, allow_pickle=True)
+    return folder, (folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None), None
+
+
+def _plan(
+    source: str,
+    folder: Path,
+    weights: Path,
+    kind: str,
+    detected: str,
+    override: SiglipVisionConfig | None,
+    config_file: str | None,
+    no_head: bool,
+    hidden_act: str | None,
+    inputs: list[InputFile],
+) -> Plan:
     store = _open_store(weights)
-    inputs += [InputFile(f, _hub_blob_sha256(f)) for f in store.files]
+    known = {f.path for f in inputs}
+    inputs += [InputFile(f, _hub_blob_sha256(f)) for f in store.files if f not in known]
     keys = store.keys()
     family, root = "hf", ""
     if isinstance(store, NpzStore):
@@ -191,7 +254,6 @@ def plan_conversion(
         inputs=inputs,
         preprocessor=preprocessor,
         preprocessor_from=pre_from,
-        provenance=provenance,
         notes=notes,
         dropped=len(drops),
         family=family,

@@ -1,8 +1,8 @@
 """A hub-compatible HTTP server on 127.0.0.1 for tests (``HF_ENDPOINT``).
 
 It answers what ``hf_hub_download`` asks -- ``HEAD``/``GET /{repo}/resolve/{revision}/{file}`` with
-``X-Repo-Commit``, ``ETag`` (the sha256, like an LFS file) and ``Content-Length``, ranged ``GET`` for
-resumes, and the hub's ``X-Error-Code`` values for missing repos, revisions, files and gated repos --
+``X-Repo-Commit``, ``ETag`` (the sha256, like an LFS file) and ``Content-Length``, ranged ``GET``
+(``bytes=a-b``, ``bytes=a-``: 206 with ``Content-Range``) for resumes and partial reads, and the hub's ``X-Error-Code`` values for missing repos, revisions, files and gated repos --
 and counts the bytes it serves per file. Fault switches make it misbehave on purpose.
 """
 
@@ -36,6 +36,9 @@ class Faults:
     short_body: dict[str, int] = field(default_factory=dict)  # send fewer bytes than Content-Length, N times
     stall_s: dict[str, float] = field(default_factory=dict)  # sleep this long before answering ...
     stall_times: dict[str, int] = field(default_factory=dict)  # ... this many times
+    ignore_range: set[str] = field(default_factory=set)  # answer a ranged GET with 200 and the whole file
+    short_range: dict[str, int] = field(default_factory=dict)  # send half of a requested range, N times
+    wrong_range: set[str] = field(default_factory=set)  # answer a range with the bytes one offset later
 
 
 class FakeHub:
@@ -127,24 +130,35 @@ class FakeHub:
         data = repo.files.get(filename)
         if data is None:
             return self._error(h, 404, "EntryNotFound", commit)
-        start = 0
+        start, end = 0, len(data)  # [start, end)
         rng = h.headers.get("Range")
-        if rng and rng.startswith("bytes=") and not head:
-            start = int(rng[len("bytes=") :].split("-")[0] or 0)
-        body = data[start:]
-        h.send_response(206 if start else 200)
+        ranged = bool(rng and rng.startswith("bytes=") and not head and key not in self.faults.ignore_range)
+        if ranged:
+            first, _, last = rng[len("bytes=") :].partition("-")
+            start = int(first or 0)
+            end = min(int(last) + 1, len(data)) if last else len(data)
+            if start >= len(data):
+                h.send_response(416)
+                h.send_header("Content-Range", f"bytes */{len(data)}")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            if key in self.faults.wrong_range:
+                start, end = start + 1, min(end + 1, len(data))
+        body = data[start:end]
+        h.send_response(206 if ranged else 200)
         h.send_header("X-Repo-Commit", commit)
         h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
         h.send_header("Content-Length", str(len(body)))
-        if start:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if ranged:
+            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         h.send_header("Accept-Ranges", "bytes")
         h.end_headers()
         if head:
             return
         if self._take(self.faults.wrong_bytes, key):
             body = bytes(b ^ 0x5A for b in body[:64]) + body[64:]
-        if self._take(self.faults.short_body, key):
+        if self._take(self.faults.short_body, key) or (ranged and self._take(self.faults.short_range, key)):
             body = body[: len(body) // 2]
             h.close_connection = True
         limit = self.faults.drop_after.get(key)

@@ -459,10 +459,19 @@ def test_hub_download_fetches_only_vision_shards(tmp_path, fake_hub, state):
     assert not any(p.endswith("model-00002-of-00002.safetensors") for _, p in fake_hub.requests)
     assert_same_tensors(read_folder(tmp_path / "out"), state)
     assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["resample"] == 3
-    # Served from the cache the second time: no new body bytes.
+    # By default the shard was read in ranges (not cached: a partial file is not a blob). --full-download
+    # downloads it whole into the cache, and from then on the cached shard is used: no new body bytes.
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert [e["sha256_checked"] for e in record["inputs"] if "sha256_checked" in e] == [False]
+    shard_bytes = len(sharded_siglip_repo(state)["model-00001-of-00002.safetensors"])
+    ranged = fake_hub.bytes_served(repo, "model-00001-of-00002.safetensors")
+    assert run_cli(repo, str(tmp_path / "full"), "--quiet", "--full-download", env=fake_hub.env).returncode == 0
+    assert fake_hub.bytes_served(repo, "model-00001-of-00002.safetensors") == ranged + shard_bytes
+    assert "sha256_checked" not in (tmp_path / "full" / "conversion.json").read_text()
     before = sum(fake_hub.served.values())
     assert run_cli(repo, str(tmp_path / "again"), "--quiet", env=fake_hub.env).returncode == 0
     assert sum(fake_hub.served.values()) == before
+    assert "sha256_checked" not in (tmp_path / "again" / "conversion.json").read_text()
 
 
 @pytest.mark.hub

@@ -42,6 +42,13 @@ def _build(kind: str, T):
     if kind == "LLaVA":
         cfg = T.LlavaConfig(vision_config=vision, text_config={**TEXT, "model_type": "llama", "vocab_size": 300})
         return T.LlavaForConditionalGeneration(cfg)
+    if kind == "LLaVA-NeXT":
+        cfg = T.LlavaNextConfig(
+            vision_config=vision,
+            text_config={**TEXT, "model_type": "llama", "vocab_size": 300},
+            image_grid_pinpoints=[[32, 32], [32, 64]],
+        )
+        return T.LlavaNextForConditionalGeneration(cfg)
     if kind == "LLaVA-OneVision":
         cfg = T.LlavaOnevisionConfig(
             vision_config=vision, text_config={**TEXT, "model_type": "qwen2", "vocab_size": 300}
@@ -50,7 +57,7 @@ def _build(kind: str, T):
     raise AssertionError(kind)
 
 
-KINDS = ["PaliGemma", "Gemma 3", "LLaVA", "LLaVA-OneVision"]
+KINDS = ["PaliGemma", "Gemma 3", "LLaVA", "LLaVA-NeXT", "LLaVA-OneVision"]
 
 
 def _tower(model):
@@ -182,3 +189,76 @@ def test_siglip2_naflex_is_refused_by_name(model_type, tmp_path):
 
     with pytest.raises(ConfigError, match="SigLIP 2 NaFlex"):
         SiglipVisionConfig.from_dict({"model_type": model_type, **VISION})
+
+
+@pytest.mark.hub
+def test_hub_paligemma_reads_only_the_vision_bytes(tmp_path, hf):
+    """A PaliGemma saved by transformers, sharded so vision and language share shards, served by the test
+    hub: the default ranged read fetches <= 1.05x the vision tensors' bytes (headers included), the
+    whole-shard path (--full-download) what the shards weigh; both outputs equal the VLM's tower."""
+    import os
+
+    from siglip_scratch.checkpoint import map_vision_keys, read_safetensors_header
+
+    from .hubserver import FakeHub
+    from .test_convert import run_cli
+
+    torch.manual_seed(3)
+    vision = {
+        **VISION,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "image_size": 64,
+        "model_type": "siglip_vision_model",
+    }
+    text = {**TEXT, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "head_dim": 32}
+    model = hf.PaliGemmaForConditionalGeneration(
+        hf.PaliGemmaConfig(vision_config=vision, text_config={**text, "model_type": "gemma", "vocab_size": 4000})
+    ).eval()
+    # The shard size that makes a shard hold vision tensors and several language tensors differs
+    # between transformers versions (they order and pack tensors differently): take the first that does.
+    for size in ("2500KB", "1500KB", "3MB", "1MB"):
+        src = tmp_path / f"src-{size}"
+        model.save_pretrained(src, max_shard_size=size)
+        shards = sorted(p.name for p in src.glob("*.safetensors"))
+        vision_bytes, mixed = 0, False
+        for name in shards:
+            tensors, _ = read_safetensors_header(src / name)
+            kept, dropped, _ = map_vision_keys(tensors)
+            vision_bytes += sum(tensors[k].nbytes for k in kept.values())
+            mixed |= len(kept) > 0 and len(dropped) >= 5
+        if mixed:
+            break
+    assert mixed, "no shard size put vision and language tensors in one shard"
+    files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+
+    hub = FakeHub().start()
+    try:
+        hub.add_repo("acme/paligemma-tiny", files)
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0"}
+        env["TMPDIR"] = str(tmp_path / "tmp")
+        os.mkdir(tmp_path / "tmp")
+
+        def served() -> int:
+            return sum(hub.bytes_served("acme/paligemma-tiny", n) for n in shards)
+
+        proc = run_cli("acme/paligemma-tiny", str(tmp_path / "ranged"), env=env)
+        assert proc.returncode == 0, proc.stderr
+        ranged = served()
+        proc = run_cli("acme/paligemma-tiny", str(tmp_path / "full"), "--full-download", env=env)
+        assert proc.returncode == 0, proc.stderr
+        whole = served() - ranged
+    finally:
+        hub.stop()
+    print(f"{size} shards: vision tensors {vision_bytes} B; ranged read {ranged} B; whole vision shards {whole} B")
+    assert ranged <= 1.05 * vision_bytes, f"ranged read fetched {ranged} B for {vision_bytes} B of vision tensors"
+    assert whole > ranged, (whole, ranged)
+    assert not list((tmp_path / "tmp").iterdir()), "scratch files left behind"
+    record = json.loads((tmp_path / "ranged" / "conversion.json").read_text())
+    reads = [e for e in record["inputs"] if "bytes_fetched" in e]
+    assert reads and sum(e["bytes_fetched"] for e in reads) == ranged
+    assert all(e["sha256_checked"] is False and e["not_checked"] for e in reads)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    want = _reference_outputs(model, x)
+    for out in ("ranged", "full"):
+        _assert_same_tower(SiglipVisionModel.from_pretrained(tmp_path / out), want, x, f"PaliGemma via hub ({out})")
