@@ -90,7 +90,7 @@ def test_body_shorter_than_content_length(hub, tmp_path):
     _ok(hub, tmp_path, _convert(hub, tmp_path))
 
 
-@covers("S08")
+@covers("S08", "S14")
 def test_wrong_bytes_once_is_retried(hub, tmp_path):
     hub.faults.wrong_bytes[f"{REPO}/{WEIGHTS}"] = 1
     if hub.mode == "full":
@@ -105,6 +105,7 @@ def test_wrong_bytes_twice_is_an_error(hub, tmp_path):
     _failed_cleanly(tmp_path, _convert(hub, tmp_path), "sha256" if hub.mode == "full" else "header length")
 
 
+@covers("S11")
 def test_server_ignoring_range_is_refused_without_reading_the_file(hub, tmp_path):
     hub.faults.ignore_range.add(f"{REPO}/{WEIGHTS}")
     if hub.mode == "full":
@@ -112,6 +113,7 @@ def test_server_ignoring_range_is_refused_without_reading_the_file(hub, tmp_path
     _failed_cleanly(tmp_path, _convert(hub, tmp_path), "ignored the HTTP Range request")
 
 
+@covers("S12")
 def test_short_ranges_are_resumed_then_reported(hub, tmp_path):
     hub.faults.short_range[f"{REPO}/{WEIGHTS}"] = 1
     _ok(hub, tmp_path, _convert(hub, tmp_path))
@@ -121,6 +123,7 @@ def test_short_ranges_are_resumed_then_reported(hub, tmp_path):
         _failed_cleanly(tmp_path, _convert(hub, tmp_path), "range cut short")
 
 
+@covers("S13")
 def test_a_range_answered_for_other_bytes_is_refused(hub, tmp_path):
     hub.faults.wrong_range.add(f"{REPO}/{WEIGHTS}")
     if hub.mode == "full":
