@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
@@ -21,7 +22,18 @@ from siglip_scratch.files import read_json
 
 from .sites import RenameRules, apply_rename, compile_rename
 
-__all__ = ["CheckpointView", "LoadResult", "load_candidate_factory", "load_rename_map", "load_weights_into"]
+__all__ = [
+    "CheckpointView",
+    "LoadResult",
+    "RenameLike",
+    "as_rename_rules",
+    "load_candidate_factory",
+    "load_rename_map",
+    "load_weights_into",
+]
+
+# What `compare(rename=...)` takes: a map file, the file's JSON as a dict, or (regex, replacement) pairs.
+RenameLike = str | os.PathLike[str] | Mapping[str, Any] | Sequence[Sequence[Any]] | None
 
 
 def load_candidate_factory(spec: str) -> Any:
@@ -78,10 +90,44 @@ def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.M
     return module
 
 
-def load_rename_map(path: str | Path) -> RenameRules:
+def load_rename_map(path: str | os.PathLike[str]) -> RenameRules:
     path = Path(path)
     spec = read_json(path, what="rename map", error=InputError, fix="fix the file")
     return compile_rename(spec, str(path))
+
+
+def as_rename_rules(rename: RenameLike, where: str = "rename") -> list[tuple[re.Pattern[str], str]]:
+    """Rename rules from any form a user writes, validated and compiled.
+
+    Args:
+        rename: None (no rules); a path to a JSON map ``{"rename": [["regex", "replacement"], ...]}``;
+            that JSON as a dict; or a list of ``(regex, replacement)`` pairs, the regex a string or an
+            ``re.Pattern``. Rules apply in order, each to the result of the one before (they chain).
+    Raises:
+        InputError: naming the rule that is not a pair, does not compile, or refers to a missing group.
+    """
+    if rename is None:
+        return []
+    if isinstance(rename, (str, os.PathLike)):
+        return list(load_rename_map(rename))
+    if isinstance(rename, Mapping):
+        return compile_rename(dict(rename), where)
+    if isinstance(rename, (list, tuple)):
+        rules: list[tuple[re.Pattern[str], str]] = []
+        for i, pair in enumerate(rename):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], str)):
+                raise InputError(f"rule {i} is not a (regex, replacement) pair: {pair!r}", where, None)
+            if isinstance(pair[0], re.Pattern):
+                rules.append((pair[0], pair[1]))
+            else:
+                rules += compile_rename({"rename": [[pair[0], pair[1]]]}, f"{where}[{i}]")
+        return rules
+    raise InputError(
+        f"rename must be a path, a {{'rename': [...]}} dict or a list of (regex, replacement) pairs, "
+        f"not {type(rename).__name__}",
+        where,
+        "see examples/timm_like_rename.json",
+    )
 
 
 @dataclass

@@ -18,7 +18,8 @@ from siglip_scratch.errors import OutputError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="siglip-parity",
-        description="Compare a SigLIP vision encoder with transformers.SiglipVisionModel, site by site.",
+        description="Compare a SigLIP vision encoder with transformers.SiglipVisionModel, site by site. "
+        "`siglip-parity inspect --candidate X` shows how a candidate's names map (see inspect --help).",
         epilog="Exit codes: 0 pass, 1 parity failure, 2 usage or input error, 3 internal error.",
     )
     src = p.add_argument_group("weights (exactly one)")
@@ -32,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     cand.add_argument(
         "--candidate", metavar="MODULE:FACTORY", help="module.path:factory or file.py:factory (default: ours)"
     )
-    cand.add_argument("--rename", metavar="MAP.json", help='{"rename": [["regex", "replacement"], ...]}')
+    cand.add_argument(
+        "--rename",
+        metavar="MAP.json",
+        help='{"rename": [["regex", "replacement"], ...]} from candidate names to canonical ones (default: '
+        "inferred from the candidate's shapes, names and outputs, and reported; `siglip-parity inspect` shows it)",
+    )
     cand.add_argument(
         "--allow-unloaded",
         metavar="REGEX",
@@ -89,8 +95,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="siglip-parity inspect",
+        description="Show how a candidate's modules and parameters meet the canonical sites and keys, and "
+        "the rename map that joins them (inferred when --rename is not given).",
+        epilog="Exit codes: 0 shown, 2 usage or input error, 3 internal error.",
+    )
+    p.add_argument(
+        "--candidate", required=True, metavar="MODULE:FACTORY", help="module.path:factory or file.py:factory"
+    )
+    p.add_argument("--rename", metavar="MAP.json", help="a map to check instead of inferring one")
+    p.add_argument("--write-rename", metavar="FILE", help="save the map (inferred or given) as a --rename file")
+    src = p.add_argument_group("weights (at most one; default: synthetic google/siglip-base-patch16-224)")
+    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
+    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
+    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
+    src.add_argument("--revision", help="hub revision for --model")
+    src.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and pixels (default 0)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        return run(_inspect, build_inspect_parser().parse_args(argv[1:]))
     return run(_main, build_parser().parse_args(argv))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from siglip_scratch.errors import InputError
+
+    from .inspection import inspect_candidate
+
+    if sum(bool(v) for v in (args.weights, args.model, args.preset)) > 1:
+        raise InputError("give at most one of --weights, --model, --preset", "weights", None)
+    if args.write_rename:
+        target = Path(args.write_rename)
+        if target.is_dir() or not target.resolve().parent.is_dir():
+            raise OutputError("not a writable file path", args.write_rename, "give a file in an existing folder")
+    result = inspect_candidate(
+        args.candidate,
+        weights=args.weights,
+        model=args.model,
+        preset=args.preset,
+        seed=args.seed,
+        rename=args.rename,
+        revision=args.revision,
+    )
+    print(result.text())
+    if args.write_rename:
+        result.write_rename(args.write_rename)
+        print(f"wrote {args.write_rename}")
+    return EXIT_OK
 
 
 def _check_combinations(args: argparse.Namespace) -> None:
@@ -154,7 +212,7 @@ def _main(args: argparse.Namespace) -> int:
 
     check_device(args.device)  # before any weights are read
 
-    rules = load_rename_map(args.rename) if args.rename else None
+    rules = load_rename_map(args.rename) if args.rename else None  # None: inferred, and reported
     report = compare(
         weights=args.weights,
         model=args.model,

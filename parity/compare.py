@@ -32,7 +32,15 @@ from siglip_scratch.errors import InputError
 from siglip_scratch.modeling import SiglipVisionModel, load_vision_state_dict, synthetic_state_dict
 from siglip_scratch.processor import SiglipImageProcessor
 
-from .candidate import LoadResult, build_candidate, load_candidate_factory, load_weights_into
+from .candidate import (
+    LoadResult,
+    RenameLike,
+    as_rename_rules,
+    build_candidate,
+    load_candidate_factory,
+    load_weights_into,
+)
+from .infer import infer_parameter_rules, infer_site_rules
 from .oracle import SiteTruth, run_oracle
 from .reference import build_reference, canonical_name, reference_prefix, transformers_version
 from .report import Report, Rule, SiteResult, measure
@@ -165,7 +173,7 @@ def compare(
     preset: str | None = None,
     seed: int = 0,
     candidate: nn.Module | Callable[..., nn.Module] | str | None = None,
-    rename: RenameRules | None = None,
+    rename: RenameLike = None,
     mode: Mode = "both",
     depth: Depth = "fine",
     dtype: str | torch.dtype = "float32",
@@ -186,7 +194,9 @@ def compare(
             deterministic synthetic weights with ``seed``); or a `Weights` already loaded.
         candidate: None for our encoder; an ``nn.Module``; a factory (``f(config_dict)`` or ``f()``);
             or a ``"module.path:factory"`` string.
-        rename: compiled rename rules (see `sites.compile_rename`) from candidate names to canonical.
+        rename: rules from candidate names (module paths and parameter keys) to canonical ones: a path
+            to a JSON map, that JSON as a dict (``{"rename": [["regex", "replacement"], ...]}``), or a
+            list of ``(regex, replacement)`` pairs. Rules chain: each applies to the previous one's result.
         mode: ``both`` (default: isolated for blame, propagated for the end-to-end effect; fails if
             either fails), ``propagated`` (both run end to end) or ``isolated`` (each candidate site
             gets the reference's input to that site).
@@ -212,6 +222,7 @@ def compare(
         raise InputError("tolerances must be >= 0", "--atol/--rtol", None)
     rule = Rule(name, atol, rtol)
     allowed = _compile_patterns(allow_unloaded)
+    rules = as_rename_rules(rename)  # a bad map fails here, before any weights are read
 
     w = (
         weights
@@ -267,11 +278,26 @@ def compare(
     truth_prop = run_oracle(oracle_model, oracle_sites, pixel_values, ref_out, None) if propagated else None
     del oracle_model, oracle_sites, reference
 
-    # 2. The candidate.
-    cand, cand_info, load = _prepare_candidate(candidate, config, w.state_dict, rename or [], attn, allowed)
+    # 2. The candidate. Given no rename map, one is inferred (see infer.py) and reported.
+    infer = candidate is not None and rename is None
+    cand, cand_info, load, inferred = _prepare_candidate(
+        candidate, config, w.state_dict, rules, attn, allowed, infer=infer
+    )
     cand.to(device=device, dtype=DTYPES[name])  # a no-op for the shared tensors, already in place
     cand.eval()
-    runs = dict(rules=rename or [], ref_in=ref_in, ref_out=ref_out, rule=rule)
+    inferred_notes = []
+    if infer:
+        site_rules, closeness = infer_site_rules(cand, names, ref_out, pixel_values)
+        all_rules = inferred["parameters"] + site_rules
+        rules = as_rename_rules(all_rules, "inferred rename map")
+        cand_info["inferred_rename"] = [list(r) for r in all_rules]
+        cand_info["inference"] = {"parameters": inferred["account"], "site_error": closeness}
+        if all_rules:
+            inferred_notes.append(
+                f"no --rename given: {len(all_rules)} rule(s) inferred ({inferred['account']}; sites matched by "
+                "value); `siglip-parity inspect` shows them and --write-rename saves them"
+            )
+    runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_out, rule=rule)
     sites = _run_candidate(cand, names, pixel_values, isolated=isolated, truths=truth_iso or truth_prop, **runs)
     prop_sites = (
         _run_candidate(cand, names, pixel_values, isolated=False, truths=truth_prop, **runs) if mode == "both" else None
@@ -282,7 +308,7 @@ def compare(
     mutated = sorted(k for k in fingerprint if after.get(k) != fingerprint[k])
     if mutated:
         w.tainted = mutated
-    notes = []
+    notes = inferred_notes
     if load.allowed_unloaded:
         notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
     return Report(
@@ -339,11 +365,16 @@ def _prepare_candidate(
     rules: RenameRules,
     attn: str,
     allowed: Sequence[re.Pattern[str]],
-) -> tuple[nn.Module, dict[str, Any], LoadResult]:
+    *,
+    infer: bool = False,
+) -> tuple[nn.Module, dict[str, Any], LoadResult, dict[str, Any]]:
+    """Build (or take) the candidate and load the shared weights into it. With ``infer``, parameter
+    rename rules are inferred first (unless the candidate loads through ``load_hf_state_dict``)."""
+    inferred: dict[str, Any] = {"parameters": [], "account": ""}
     if candidate is None:
         ours = SiglipVisionModel.from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
         info = {"impl": "siglip_scratch.SiglipVisionModel", "version": siglip_scratch.__version__, "attn": attn}
-        return ours, info, LoadResult(via="siglip_scratch.from_state_dict (strict)")
+        return ours, info, LoadResult(via="siglip_scratch.from_state_dict (strict)"), inferred
     spec = candidate if isinstance(candidate, str) else getattr(candidate, "__qualname__", type(candidate).__name__)
     if isinstance(candidate, str):
         candidate = load_candidate_factory(candidate)
@@ -356,8 +387,14 @@ def _prepare_candidate(
         if callable(setter):
             setter(attn)
             cand_attn = attn
+    if infer:
+        if callable(getattr(module, "load_hf_state_dict", None)):
+            inferred["account"] = "weights through its load_hf_state_dict"
+        else:
+            inferred["parameters"], inferred["account"] = infer_parameter_rules(module, state)
+            rules = as_rename_rules(inferred["parameters"], "inferred rename map")
     load = load_weights_into(module, state, rules, spec, allow_unloaded=allowed)
-    return module, {"impl": spec, "version": "", "attn": str(cand_attn)}, load
+    return module, {"impl": spec, "version": "", "attn": str(cand_attn)}, load, inferred
 
 
 def _record_reference(
@@ -419,9 +456,21 @@ def _run_candidate(
             return None
         return replace_first_tensor(args, kwargs, ref_in[site])
 
-    on_input = teacher_force if isolated else None
+    # A port without an embeddings module still has the embeddings: they are layer 0's input.
+    emb, first = "vision_model.embeddings", "vision_model.encoder.layers.0"
+    emb_from_first = emb in names and emb not in cand_sites and first in cand_sites
+
+    def on_input(site: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if emb_from_first and site == first and emb not in results:
+            t = input_tensor(args, kwargs)
+            if t is not None:
+                results[emb] = judge(emb, t)
+                results[emb].note = "the input of layer 0 (the candidate has no embeddings module)"
+        return teacher_force(site, args, kwargs) if isolated else None
+
     try:
-        with torch.inference_mode(), hooks(cand_sites, on_input=on_input, on_output=measure_out):
+        hooked = hooks(cand_sites, on_input=on_input if (isolated or emb_from_first) else None, on_output=measure_out)
+        with torch.inference_mode(), hooked:
             output = candidate(pixel_values)
     except InputError:
         raise
@@ -438,7 +487,25 @@ def _run_candidate(
         if site in names and site not in results and tensor is not None:
             results[site] = judge(site, tensor)
             results[site].note = "from the model's output"
-    return [results.get(n, SiteResult(n, status="missing", note="candidate has no such module")) for n in names]
+    missing = [n for n in names if n not in results]
+    notes = _missing_notes(candidate, rules, missing) if missing else {}
+    return [results.get(n, SiteResult(n, status="missing", note=notes.get(n, ""))) for n in names]
+
+
+def _missing_notes(candidate: nn.Module, rules: RenameRules, missing: Sequence[str]) -> dict[str, str]:
+    """For each site the candidate lacks: its closest module names (as the rename rules leave them),
+    so the fix (a --rename rule) can be written from the report alone."""
+    import difflib
+
+    renamed = {_rename(n, rules): n for n, _ in candidate.named_modules() if n}
+    out = {}
+    for site in missing:
+        close = difflib.get_close_matches(site, list(renamed), n=2, cutoff=0.0)
+        shown = ", ".join(renamed[c] + (f" (renamed {c})" if c != renamed[c] else "") for c in close)
+        out[site] = "candidate has no such module" + (
+            f"; closest: {shown}; map one with a --rename rule" if shown else "; it has no submodules at all"
+        )
+    return out
 
 
 def _rename(name: str, rules: RenameRules) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from siglip_scratch import InputError, SiglipVisionConfig, SiglipVisionModel
+from siglip_scratch import InputError, SiglipScratchError, SiglipVisionConfig, SiglipVisionModel
 from siglip_scratch.modeling import synthetic_state_dict
 from siglip_scratch.parity import Weights, assert_parity, compare, compile_rename
 from siglip_scratch.parity.cli import main as parity_main
@@ -109,8 +109,9 @@ def test_timm_like_candidate_passes_with_rename_and_adapter(dtype, small_weights
         assert not all(s.exact for s in report.sites)
 
 
-def test_timm_like_without_rename_reports_missing_sites(small_weights, hf):
-    report = compare(weights=small_weights, candidate=f"{EXAMPLE}:build")
+def test_timm_like_with_inference_off_reports_missing_sites(small_weights, hf):
+    """rename=[] says "these names, no rules": nothing is inferred (test_infer.py covers inference)."""
+    report = compare(weights=small_weights, candidate=f"{EXAMPLE}:build", rename=[])
     assert not report.passed
     # Without the map no module path is canonical; only the model's returned outputs are compared.
     compared = {s.name for s in report.sites if s.status != "missing"}
@@ -366,3 +367,34 @@ def test_golden_compares_every_recorded_statistic(stat, monkeypatch, capsys, hf)
     assert (
         "vision_model.encoder.layers.3" in out and "MOVED" in out and ("max|x|" if stat == "max_abs" else "sum") in out
     )
+
+
+@pytest.mark.parametrize("form", ["path", "dict", "pairs", "compiled"])
+def test_rename_is_taken_in_every_form_users_write(form, small_weights, hf):
+    """compare(rename=...) takes the map file, its JSON as a dict, or (regex, replacement) pairs."""
+    spec = json.loads(RENAME.read_text())
+    rename = {
+        "path": str(RENAME),
+        "dict": spec,
+        "pairs": [tuple(rule) for rule in spec["rename"]],
+        "compiled": compile_rename(spec, str(RENAME)),
+    }[form]
+    report = compare(weights=small_weights, candidate=f"{EXAMPLE}:build", rename=rename, depth="coarse")
+    assert report.passed and report.missing_sites == [], report.table()
+
+
+@pytest.mark.parametrize(
+    "rename, needle",
+    [
+        ([("^blocks", "x", "extra")], "rule 0 is not a (regex, replacement) pair"),
+        ([("(", "x")], "does not compile"),
+        ([("^a$", "\\\\2")], "group"),
+        ({"rules": []}, "rename map must be"),
+        (42, "rename must be a path"),
+        ("/no/such/map.json", "no rename map found"),
+    ],
+)
+def test_bad_rename_fails_before_any_weights_are_read(rename, needle):
+    with pytest.raises(SiglipScratchError) as exc:  # InputError, or SourceError for the missing file
+        compare(weights="/no/such/weights", candidate=f"{EXAMPLE}:build", rename=rename)
+    assert needle in str(exc.value), str(exc.value)

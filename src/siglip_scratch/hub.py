@@ -157,7 +157,11 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, option
         last = f"downloaded bytes have sha256 {actual[:12]}… but the hub says {expected[:12]}…"
         if sha_failures > 1:
             raise SourceError(last + " (twice)", where, "the download is corrupted in transit; retry later")
-    raise SourceError(f"{last}; gave up after {RETRIES + 1} attempts", where, "retry later or check HF_ENDPOINT")
+    raise SourceError(
+        f"{last}; gave up after {RETRIES + 1} attempts",
+        where,
+        "retry later, check HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the local cache",
+    )
 
 
 def download_vision_checkpoint(repo_id: str, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
@@ -340,7 +344,11 @@ def _file_metadata(url: str, where: str, *, missing_ok: bool):
             last = f"cannot read the file's size ({_describe(exc)})"
             if status is not None and status < 500 and status != 429:
                 raise SourceError(last, where, "check the repo id, revision and HF_TOKEN") from None
-    raise SourceError(f"{last}; gave up after {RETRIES + 1} attempts", where, "retry later or check HF_ENDPOINT")
+    raise SourceError(
+        f"{last}; gave up after {RETRIES + 1} attempts",
+        where,
+        "retry later, check HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the local cache",
+    )
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

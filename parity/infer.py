@@ -1,0 +1,329 @@
+"""Inferring a rename map: which of a candidate's parameters and modules are which canonical ones.
+
+Two steps, each a rule that can be checked, never a guess from substrings:
+
+1. **Parameters by order and shape.** A port that registers its tensors in the hub's order (nearly all
+   do: embeddings, then each layer's norm, attention, norm, MLP, then the final norm and the head)
+   lines up with the canonical keys one to one. If every pair has the same shape, that is the map;
+   if any does not (a fused qkv, a ``[1, N, D]`` position table), no parameter rule is inferred and
+   the candidate needs ``load_hf_state_dict`` (or a map) for its weights.
+2. **Sites by value.** With the weights in, the candidate runs once on the run's pixels with every
+   module hooked; each canonical site takes the candidate module whose output, of the same shape, is
+   closest to the reference's output there (ties: a module with parameters, then the first). A module
+   name that carries the layer index is then generalised to one rule per sub-site
+   (``^blocks\\.(\\d+)\\.norm1$``) when that rule reproduces every layer's choice; a layer whose own
+   best match disagrees (a bug there) follows the rule the other layers agree on, so a wrong layer
+   is still compared at the right module and reported, not mapped away.
+
+Every inferred rule is reported (``Report.candidate["inferred_rename"]``) and can be saved as a map.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sites import first_tensor
+
+__all__ = ["format_rename_map", "infer_parameter_rules", "infer_site_rules", "rules_to_json"]
+
+Rule = tuple[str, str]  # (regex, replacement), as a rename map file holds them
+# A module whose output is off by half the reference's scale or more is not that site, however buggy:
+# different quantities of one layer (a norm's output, an attention output, the residual stream) differ
+# by about their own scale. Such a site stays MISSING, never mapped to the wrong module.
+MAX_SITE_ERROR = 0.5
+
+
+# Names ports give the canonical modules (a candidate path component in the set scores for that module).
+ALIASES: dict[str, set[str]] = {
+    "patch_embedding": {
+        "patch_embedding",
+        "patch_embed",
+        "patch_embeddings",
+        "proj",
+        "conv",
+        "conv1",
+        "conv_proj",
+        "patchify",
+        "stem",
+    },
+    "position_embedding": {
+        "position_embedding",
+        "pos_embed",
+        "pos_embedding",
+        "positional_embedding",
+        "pos",
+        "pos_emb",
+    },
+    "layer_norm1": {
+        "layer_norm1",
+        "norm1",
+        "ln1",
+        "ln_1",
+        "norm_1",
+        "input_layernorm",
+        "pre_norm",
+        "attn_norm",
+        "attention_norm",
+    },
+    "layer_norm2": {
+        "layer_norm2",
+        "norm2",
+        "ln2",
+        "ln_2",
+        "norm_2",
+        "post_attention_layernorm",
+        "mlp_norm",
+        "ffn_norm",
+    },
+    "self_attn": {"self_attn", "attn", "attention", "self_attention", "sa", "mha"},
+    "q_proj": {"q_proj", "q", "query", "wq", "to_q", "q_lin", "queries"},
+    "k_proj": {"k_proj", "k", "key", "wk", "to_k", "k_lin", "keys"},
+    "v_proj": {"v_proj", "v", "value", "wv", "to_v", "v_lin", "values"},
+    "out_proj": {"out_proj", "o", "out", "proj", "o_proj", "wo", "to_out", "dense", "output", "out_lin", "c_proj"},
+    "mlp": {"mlp", "ffn", "feed_forward", "ff", "feedforward"},
+    "fc1": {"fc1", "up", "w1", "lin1", "dense1", "c_fc", "up_proj", "fc_1", "linear1"},
+    "fc2": {"fc2", "down", "w2", "lin2", "dense2", "down_proj", "fc_2", "linear2", "out"},
+    "post_layernorm": {
+        "post_layernorm",
+        "norm",
+        "ln_f",
+        "final_norm",
+        "ln_post",
+        "norm_f",
+        "post_norm",
+        "encoder_norm",
+        "ln_final",
+    },
+    "head": {"head", "pool", "attn_pool", "map", "pooler", "map_head", "attention_pool", "pooling"},
+    "probe": {"probe", "latent", "query", "cls", "pool_query"},
+    "attention": {"attention", "attn", "mha", "multihead_attn"},
+    "layernorm": {"layernorm", "norm", "ln", "layer_norm"},
+}
+# Among equally named candidates, the order ports write them in (q, k, v, out), not the hub's (k, v, q, out).
+CONVENTIONAL = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": 3}
+LAYERS = "vision_model.encoder.layers."
+
+
+def infer_parameter_rules(candidate: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[Rule], str]:
+    """(rules mapping every candidate weight key to a canonical key, a one-line account of the result).
+
+    Module by module: the candidate's layers are the numbered children of one container with exactly
+    as many entries as the checkpoint has layers; within a layer and outside them, each module holding
+    parameters meets the canonical module with the same parameter shapes (weight and bias roles); where
+    several have the same shapes (q/k/v/out, the two norms), names decide (`ALIASES`), then order.
+    Returns no rules when the keys are canonical already or when the shapes cannot be matched (a fused
+    qkv, a ``[1, N, D]`` position table: such a candidate needs ``load_hf_state_dict``); the account
+    says which."""
+    own = {k: tuple(t.shape) for k, t in candidate.state_dict().items() if t.is_floating_point()}
+    canonical = {k: tuple(t.shape) for k, t in state.items() if t.is_floating_point()}
+    if set(own) <= set(canonical):
+        return [], "parameter keys are canonical already"
+    n_layers = len({k[len(LAYERS) :].split(".")[0] for k in canonical if k.startswith(LAYERS)})
+    container = _layer_container(own, n_layers)
+    if container is None:
+        return [], f"no module list of {n_layers} numbered layers among the candidate's parameters"
+    cand_top = {k: s for k, s in own.items() if not k.startswith(container)}
+    canon_top = {k: s for k, s in canonical.items() if not k.startswith(LAYERS)}
+    cand_layers = [
+        {k[len(f"{container}{i}.") :]: s for k, s in own.items() if k.startswith(f"{container}{i}.")}
+        for i in range(n_layers)
+    ]
+    canon_layer0 = {k[len(f"{LAYERS}0.") :]: s for k, s in canonical.items() if k.startswith(f"{LAYERS}0.")}
+    if any(layer != cand_layers[0] for layer in cand_layers[1:]):
+        return [], f"the candidate's layers under {container!r} differ in their parameters"
+    pairs: list[tuple[str, str]] = []
+    for cand, canon, prefix in ((cand_top, canon_top, None), (cand_layers[0], canon_layer0, "layer")):
+        matched, why = _match_modules(cand, canon)
+        if matched is None:
+            return [], why
+        if prefix is None:
+            pairs += matched
+        else:
+            pairs += [(f"{container}{i}.{c}", f"{LAYERS}{i}.{k}") for i in range(n_layers) for c, k in matched]
+    pairs = [(c, k) for c, k in pairs if c != k]
+    return _generalise(pairs), f"{len(own)} weight tensors matched module by module (shapes, then names, then order)"
+
+
+def _layer_container(own: Mapping[str, Any], n_layers: int) -> str | None:
+    """The prefix ``P.`` such that the candidate's keys ``P.<i>.…`` run over exactly 0…n_layers−1."""
+    seen: dict[str, set[int]] = {}
+    for key in own:
+        parts = key.split(".")
+        for j, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                seen.setdefault(".".join(parts[:j]) + ".", set()).add(int(part))
+                break
+    hits = [p for p, idx in seen.items() if idx == set(range(n_layers))]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _owners(params: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in params.items():
+        owner, _, name = key.rpartition(".")
+        out.setdefault(owner, {})[name] = shape
+    return out
+
+
+def _role(name: str) -> str:
+    return "bias" if name.endswith("bias") else "weight"
+
+
+def _signature(params: Mapping[str, tuple[int, ...]]) -> tuple | None:
+    roles = [(_role(n), s) for n, s in params.items()]
+    return tuple(sorted(roles)) if len({r for r, _ in roles}) == len(roles) else None
+
+
+def _score(cand_owner: str, canon_owner: str) -> int:
+    words = [w for w in cand_owner.lower().split(".") if w and not w.isdigit()]
+    parts = [p for p in canon_owner.split(".") if p in ALIASES]
+    score = 0
+    for j, part in enumerate(reversed(parts)):
+        if any(w in ALIASES[part] for w in (words[-1:] if j == 0 else words)):
+            score += 3 if j == 0 else 1
+    return score
+
+
+def _match_modules(
+    cand: Mapping[str, tuple[int, ...]], canon: Mapping[str, tuple[int, ...]]
+) -> tuple[list[tuple[str, str]] | None, str]:
+    cand_owners, canon_owners = _owners(cand), _owners(canon)
+    classes: dict[tuple, tuple[list[str], list[str]]] = {}
+    for owners, side in ((cand_owners, 0), (canon_owners, 1)):
+        for owner, params in owners.items():
+            sig = _signature(params)
+            if sig is None:
+                return None, f"{owner or '(root)'} holds several weights of one role: cannot match it by shape"
+            classes.setdefault(sig, ([], []))[side].append(owner)
+    pairs: list[tuple[str, str]] = []
+    for sig, (cands, canons) in classes.items():
+        if len(cands) != len(canons):
+            shapes = ", ".join(f"{r} {list(s)}" for r, s in sig)
+            return None, (
+                f"{len(cands)} candidate module(s) ({', '.join(cands) or 'none'}) but {len(canons)} canonical "
+                f"({', '.join(canons) or 'none'}) hold {shapes}: a layout renaming cannot express (use load_hf_state_dict)"
+            )
+        rank = {c: (CONVENTIONAL.get(c.rpartition(".")[2], 9), i) for i, c in enumerate(canons)}
+        options = sorted(
+            ((-_score(c, k), cands.index(c), rank[k], c, k) for c in cands for k in canons), key=lambda t: t[:3]
+        )
+        taken_c: set[str] = set()
+        taken_k: set[str] = set()
+        for _, _, _, c, k in options:
+            if c in taken_c or k in taken_k:
+                continue
+            taken_c.add(c)
+            taken_k.add(k)
+            for name in cand_owners[c]:
+                target = next(n for n in canon_owners[k] if _role(n) == _role(name))
+                pairs.append((f"{c}.{name}" if c else name, f"{k}.{target}" if k else target))
+    return pairs, ""
+
+
+def infer_site_rules(
+    candidate: nn.Module,
+    sites: Sequence[str],
+    ref_out: Mapping[str, torch.Tensor],
+    pixel_values: torch.Tensor,
+) -> tuple[list[Rule], dict[str, float]]:
+    """Rules naming the candidate module of each canonical site (those it lacks by name), found by value.
+
+    Returns (rules, the relative error of each chosen module against the reference: how sure)."""
+    names = dict(candidate.named_modules())
+    lacking = [s for s in sites if s not in names and s in ref_out]
+    if not lacking:
+        return [], {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in names.items():
+        if not name:
+            continue
+
+        def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
+            t = first_tensor(output)
+            if t is not None and name not in outputs:
+                outputs[name] = t.detach()
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            candidate(pixel_values)
+    finally:
+        for h in handles:
+            h.remove()
+    order = {n: i for i, n in enumerate(names)}
+    has_params = {n: any(True for _ in m.parameters(recurse=False)) or len(m._modules) > 0 for n, m in names.items()}
+    chosen: dict[str, str] = {}
+    error: dict[str, float] = {}
+    for site in lacking:
+        want = ref_out[site].double()
+        scale = want.abs().max().item() or 1.0
+        best: tuple[float, int, int, str] | None = None
+        for name, got in outputs.items():
+            if tuple(got.shape) != tuple(want.shape):
+                continue
+            err = (got.double() - want).abs().max().item() / scale
+            key = (err, 0 if has_params[name] else 1, order[name], name)
+            if best is None or key < best:
+                best = key
+        if best is not None and best[0] < MAX_SITE_ERROR:
+            chosen[site], error[site] = best[3], best[0]
+    pairs = sorted(((chosen[s], s) for s in chosen), key=lambda p: order[p[0]])
+    return _generalise(pairs, by_majority=True), error
+
+
+_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
+
+
+def _generalise(pairs: Sequence[tuple[str, str]], *, by_majority: bool = False) -> list[Rule]:
+    """Exact ``(candidate, canonical)`` name pairs as regex rules, one per layer-indexed template.
+
+    A pair whose canonical name is ``vision_model.encoder.layers.{i}.…`` and whose candidate name
+    holds ``{i}`` as one dotted component becomes a template; a template is kept when it reproduces
+    the pairs of every layer it covers, or, ``by_majority``, of most of them (the others are then
+    assumed to deviate because of a bug, not a different layout). The rest stay exact rules."""
+    templates: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    exact: list[Rule] = []
+    for cand, canon in pairs:
+        m = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)((?:\..+)?)", canon)
+        idx = m.group(1) if m else None
+        positions = [mm for mm in _INDEX.finditer(cand) if mm.group(1) == idx] if idx is not None else []
+        if len(positions) != 1:
+            exact.append((f"^{re.escape(cand)}$", canon))
+            continue
+        p = positions[0]
+        key = (re.escape(cand[: p.start()]) + r"(\d+)" + re.escape(cand[p.end() :]), m.group(2))
+        templates.setdefault(key, []).append((cand, canon))
+    rules: list[Rule] = []
+    by_suffix: dict[str, Counter] = {}
+    for (pattern, suffix), members in templates.items():
+        by_suffix.setdefault(suffix, Counter())[pattern] = len(members)
+    for suffix, counts in by_suffix.items():
+        ranked = counts.most_common()
+        top, n_top = ranked[0]
+        rest = sum(n for _, n in ranked[1:])
+        if rest == 0 or (by_majority and n_top > rest):
+            rules.append((f"^{top}$", r"vision_model.encoder.layers.\1" + suffix.replace("\\", "\\\\")))
+        else:
+            for pattern, _ in ranked:
+                rules += [(f"^{re.escape(c)}$", k) for c, k in templates[(pattern, suffix)]]
+    return rules + exact
+
+
+def rules_to_json(rules: Sequence[Rule]) -> dict[str, list[list[str]]]:
+    """The rename map file's format: ``{"rename": [["regex", "replacement"], ...]}``."""
+    return {"rename": [[p, r] for p, r in rules]}
+
+
+def format_rename_map(rules: Sequence[Rule]) -> str:
+    """The map as a file holds it, one rule a line."""
+    import json
+
+    body = ",\n".join(f"    {json.dumps([p, r])}" for p, r in rules)
+    return '{\n  "rename": [\n' + body + ("\n" if body else "") + "  ]\n}"

@@ -1,0 +1,132 @@
+"""``siglip-parity inspect``: how a candidate's names meet the canonical ones, and the map that joins them.
+
+Prints, for one candidate at one config: each canonical site and the candidate module that carries it
+(by name, through the given map, or inferred by value, with how close it came), the parameter keys that
+load and those that do not, the site contract, and the suggested rename map (``--write-rename`` saves it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siglip_scratch.errors import OutputError
+
+from .candidate import RenameLike, as_rename_rules
+from .infer import format_rename_map, infer_site_rules
+from .sites import apply_rename, site_names
+
+__all__ = ["SITE_CONTRACT", "Inspection", "inspect_candidate"]
+
+SITE_CONTRACT = (
+    "site contract (what each canonical module must output; shapes for batch B, N patches, width D):\n"
+    "  vision_model.embeddings           [B, N, D] patch embeddings + position embeddings, before layer 0\n"
+    "  …layers.i.layer_norm1 / .layer_norm2   [B, N, D] the LayerNorm outputs (inputs of attention / MLP)\n"
+    "  …layers.i.self_attn / .mlp        [B, N, D] the sub-block outputs, before their residual add\n"
+    "  …layers.i                         [B, N, D] the layer output, after both residual adds\n"
+    "  vision_model.post_layernorm       [B, N, D] the final LayerNorm output (last_hidden_state)\n"
+    "  vision_model.head                 [B, D] the MAP-pooled output (pooler_output)\n"
+    "A module may return a tensor, a tuple/list (first item), an object with last_hidden_state, or a dict\n"
+    "with last_hidden_state. The model's own output (tensor, tuple, object or dict with last_hidden_state /\n"
+    "pooler_output) stands in for post_layernorm and head when no module carries them. Rename rules map\n"
+    "candidate names (module paths and parameter keys) to canonical ones, in order, each applied to the\n"
+    "previous rule's result."
+)
+
+
+@dataclass
+class Inspection:
+    sites: list[tuple[str, str, str]] = field(default_factory=list)  # (site, candidate module, how)
+    loaded: int = 0
+    unloaded: list[str] = field(default_factory=list)
+    untaken: list[str] = field(default_factory=list)
+    parameter_account: str = ""
+    rules: list[tuple[str, str]] = field(default_factory=list)  # the map to use (given or inferred)
+    inferred: bool = False
+    candidate_params: list[tuple[str, list[int]]] = field(default_factory=list)
+
+    def text(self) -> str:
+        width = max(len(s) for s, _, _ in self.sites)
+        lines = ["canonical site".ljust(width) + "  candidate module (how)"]
+        lines += [f"{s.ljust(width)}  {m} ({how})" for s, m, how in self.sites]
+        lines.append("")
+        lines.append(
+            f"parameters: {self.loaded} loaded; {len(self.unloaded)} candidate tensor(s) not loaded"
+            + (f": {', '.join(self.unloaded[:8])}{' …' if len(self.unloaded) > 8 else ''}" if self.unloaded else "")
+            + f"; {len(self.untaken)} checkpoint tensor(s) not taken"
+            + (f": {', '.join(self.untaken[:8])}{' …' if len(self.untaken) > 8 else ''}" if self.untaken else "")
+        )
+        if self.parameter_account:
+            lines.append(f"parameter inference: {self.parameter_account}")
+        lines.append("")
+        lines.append("suggested rename map (inferred):" if self.inferred else "rename map in use:")
+        lines.append(format_rename_map(self.rules))
+        lines.append("")
+        lines.append(SITE_CONTRACT)
+        return "\n".join(lines)
+
+    def write_rename(self, path: str | Path) -> None:
+        try:
+            Path(path).write_text(format_rename_map(self.rules) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write ({exc.strerror})", str(path), "check the path") from None
+
+
+def inspect_candidate(
+    candidate: Any,
+    *,
+    weights: Any = None,
+    model: str | None = None,
+    preset: str | None = None,
+    seed: int = 0,
+    rename: RenameLike = None,
+    revision: str | None = None,
+) -> Inspection:
+    """Load the weights into the candidate as `compare` does, and say what meets what (see module doc)."""
+    from .compare import _prepare_candidate, _record_reference, make_pixels, resolve_weights
+    from .reference import build_reference
+
+    given = as_rename_rules(rename)
+    if weights is None and model is None and preset is None:
+        preset = "google/siglip-base-patch16-224"
+    w = resolve_weights(weights=weights, model=model, preset=preset, seed=seed, dtype="float32", revision=revision)
+    config = w.config
+    names = site_names(config, "fine")
+    pixels = make_pixels(config, batch=1, seed=seed)
+    _, ref_out = _record_reference(build_reference(config, w.state_dict), names, pixels)
+    infer = rename is None
+    cand, _, load, inferred = _prepare_candidate(candidate, config, w.state_dict, given, "sdpa", [], infer=infer)
+    cand.eval()
+    param_rules = [tuple(r) for r in inferred["parameters"]] if infer else []
+    site_rules, closeness = infer_site_rules(cand, names, ref_out, pixels) if infer else ([], {})
+    rules = param_rules + site_rules if infer else [(p.pattern, r) for p, r in given]
+    compiled = as_rename_rules(rules, "rename map")
+    modules = {apply_rename(n, compiled): n for n, _ in cand.named_modules() if n}
+    rows = []
+    for site in names:
+        module = modules.get(site)
+        if module is None and site == "vision_model.embeddings" and "vision_model.encoder.layers.0" in modules:
+            rows.append((site, f"input of {modules['vision_model.encoder.layers.0']}", "no embeddings module"))
+        elif module is None:
+            how = "from the model's output" if site in ("vision_model.post_layernorm", "vision_model.head") else ""
+            rows.append((site, "MISSING", how or "no module; add a rule, or it is reported MISSING"))
+        elif module == site:
+            rows.append((site, module, "by name"))
+        elif site in closeness:
+            rows.append((site, module, f"inferred by value, rel. error {closeness[site]:.1e}"))
+        else:
+            rows.append((site, module, "by the rename map"))
+    own = [(k, list(t.shape)) for k, t in cand.state_dict().items() if torch.is_tensor(t) and t.is_floating_point()]
+    return Inspection(
+        sites=rows,
+        loaded=len(own) - len(load.unloaded),
+        unloaded=load.unloaded,
+        untaken=load.unexpected_keys,
+        parameter_account=inferred["account"],
+        rules=rules,
+        inferred=infer,
+        candidate_params=own,
+    )

@@ -1,0 +1,81 @@
+"""Rename maps inferred: a hand-written port and the timm-like example pass with no map at all."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from siglip_scratch.modeling import synthetic_state_dict
+from siglip_scratch.parity import Weights, compare
+from siglip_scratch.parity.cli import main as parity_main
+
+from .test_parity import EXAMPLE, SMALL
+
+PORT = Path(__file__).resolve().parent / "handwritten_port.py"
+
+
+@pytest.fixture(scope="module")
+def weights() -> Weights:
+    return Weights(SMALL, synthetic_state_dict(SMALL, seed=0), "small (seed 0)", synthetic=True)
+
+
+def test_handwritten_port_passes_with_no_map(weights, hf):
+    report = compare(weights=weights, candidate=f"{PORT}:build")
+    assert report.passed, report.table()
+    assert report.missing_sites == [] and report.unloaded_parameters == [], report.table()
+    inferred = report.candidate["inferred_rename"]
+    assert ["^blocks\\.(\\d+)\\.ln1$", "vision_model.encoder.layers.\\1.layer_norm1"] in inferred, inferred
+    assert [
+        "^blocks\\.(\\d+)\\.attn\\.q\\.weight$",
+        "vision_model.encoder.layers.\\1.self_attn.q_proj.weight",
+    ] in inferred
+    assert ["^ln_f$", "vision_model.post_layernorm"] in inferred and ["^pool$", "vision_model.head"] in inferred
+    emb = next(s for s in report.sites if s.name == "vision_model.embeddings")
+    assert emb.status == "exact" and "input of layer 0" in emb.note, emb
+    assert any("rule(s) inferred" in n for n in report.notes), report.notes
+
+
+def test_timm_like_example_passes_with_no_map(weights, hf):
+    report = compare(weights=weights, candidate=f"{EXAMPLE}:build")
+    assert report.passed and report.missing_sites == [], report.table()
+    assert report.candidate["inference"]["parameters"] == "weights through its load_hf_state_dict"
+    assert ["^pos_drop$", "vision_model.embeddings"] in report.candidate["inferred_rename"]
+
+
+def test_a_bug_in_one_layer_is_still_compared_at_the_right_module(weights, hf):
+    """q and k swapped in layer 2: that layer's own best match may go astray, but the rule the other
+    layers agree on maps it, and the bug is blamed on layer 2's self_attn."""
+    report = compare(weights=weights, candidate=f"{PORT}:build_swapped_qk_in_layer_2", mode="isolated")
+    assert not report.passed
+    assert report.first_divergent_site == "vision_model.encoder.layers.2.self_attn", report.table()
+    assert report.missing_sites == []
+
+
+def test_inspect_prints_the_map_and_writes_a_usable_one(tmp_path, capsys, hf):
+    target = tmp_path / "map.json"
+    argv = ["inspect", "--candidate", f"{PORT}:build", "--preset", "google/siglip-base-patch16-224"]
+    assert parity_main([*argv, "--write-rename", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "vision_model.encoder.layers.11.self_attn    blocks.11.attn (inferred by value" in out, out
+    assert "vision_model.embeddings                     input of blocks.0 (no embeddings module)" in out, out
+    assert "suggested rename map (inferred):" in out and "site contract" in out
+    assert "0 candidate tensor(s) not loaded" in out and "0 checkpoint tensor(s) not taken" in out, out
+    rules = json.loads(target.read_text())["rename"]
+    # The saved map, given back, is used as it is (nothing inferred) and passes.
+    report = compare(
+        preset="google/siglip-base-patch16-224", candidate=f"{PORT}:build", rename=str(target), batch=1, depth="coarse"
+    )
+    assert report.passed and "inferred_rename" not in report.candidate, report.table()
+    per_layer = [r for r in rules if re.search(r"layers\.\d", r[1])]
+    assert not per_layer, f"templates, not one rule per layer: {per_layer}"
+
+
+def test_inspect_usage_errors_are_one_line(tmp_path, capsys):
+    assert parity_main(["inspect", "--candidate", f"{PORT}:build", "--preset", "a/b", "--model", "c/d"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert parity_main(["inspect", "--candidate", f"{PORT}:build", "--write-rename", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
