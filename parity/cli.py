@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Without it, any parameter the checkpoint did not fill fails the run",
     )
 
+    cand.add_argument(
+        "--skip-site",
+        metavar="REGEX",
+        action="append",
+        default=[],
+        help="canonical sites (full-match regex) that do not apply to the candidate: reported SKIPPED, not "
+        "compared and never counted as passing; repeatable",
+    )
+
     run = p.add_argument_group("run")
     run.add_argument(
         "--mode",
@@ -86,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", metavar="FILE", help="write the report as JSON")
     out.add_argument("--markdown", metavar="FILE", help="write the report as Markdown (CI job summaries)")
     out.add_argument("--plot", metavar="FILE.png", help="per-site error plot (needs matplotlib)")
-    out.add_argument("--quiet", action="store_true", help="print only the verdict")
+    out.add_argument("--quiet", action="store_true", help="print only the verdict (and no progress lines)")
+    out.add_argument(
+        "--progress",
+        action="store_true",
+        help="a line on stderr as each phase starts, with the time so far (default: only when stderr is a terminal)",
+    )
 
     gold = p.add_argument_group("golden fingerprints (has the reference itself moved?)")
     gold.add_argument("--check-golden", action="store_true", help="compare the reference with parity/golden/")
@@ -231,6 +245,8 @@ def _main(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         revision=args.revision,
         allow_unloaded=args.allow_unloaded,
+        skip_sites=args.skip_site,
+        progress=_progress_printer(args),
     )
     print(report.verdict if args.quiet else report.table())
     for target, text in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
@@ -239,6 +255,20 @@ def _main(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(args.plot)
     return EXIT_OK if report.passed else EXIT_FAIL
+
+
+def _progress_printer(args: argparse.Namespace):
+    """Phase lines on stderr (``[  12.3s] candidate: isolated run``), or None."""
+    import time
+
+    if args.quiet or not (args.progress or sys.stderr.isatty()):
+        return None
+    t0 = time.perf_counter()
+
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {line}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _write(path: str, text: str) -> None:

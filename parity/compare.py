@@ -186,6 +186,8 @@ def compare(
     rtol: float | None = None,
     revision: str | None = None,
     allow_unloaded: Sequence[str] = (),
+    skip_sites: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Compare a candidate with ``transformers.SiglipVisionModel`` site by site.
 
@@ -207,6 +209,9 @@ def compare(
         atol / rtol: switch from the float64-oracle rule to the absolute rule
             ``max|Δ| <= atol + rtol·max|x_ref|`` (the one not given takes its per-dtype default).
         allow_unloaded: regexes (full match) of candidate keys that may stay unloaded.
+        skip_sites: regexes (full match) of canonical sites that do not apply to the candidate: they are
+            reported ``skipped`` (not compared, never counted as passing; the verdict says how many).
+        progress: called with a line as each phase starts (weights, reference and oracle, candidate).
     Returns:
         The `Report`; ``report.passed`` is the verdict.
     """
@@ -223,6 +228,9 @@ def compare(
     rule = Rule(name, atol, rtol)
     allowed = _compile_patterns(allow_unloaded)
     rules = as_rename_rules(rename)  # a bad map fails here, before any weights are read
+    skips = _compile_patterns(skip_sites, "--skip-site")
+    say = progress or (lambda line: None)
+    say("loading weights")
 
     w = (
         weights
@@ -262,6 +270,18 @@ def compare(
 
     # 1. The reference and the oracle, before any candidate code has seen the weights.
     names = site_names(config, depth)
+    oracle_passes = " + ".join(
+        m for m, on in (("isolated", mode != "propagated"), ("propagated", mode != "isolated")) if on
+    )
+    say(f"reference and float64 oracle ({oracle_passes}) at {len(names)} sites")
+    for pattern in skips:
+        if not any(pattern.fullmatch(n) for n in names):
+            raise InputError(
+                f"--skip-site {pattern.pattern!r} matches no site",
+                "--skip-site",
+                "see the site names in docs/PARITY.md",
+            )
+    skipped = [n for n in names if any(p.fullmatch(n) for p in skips)]
     reference = build_reference(config, w.state_dict, attn_implementation=attn)
     ref_in, ref_out = _record_reference(reference, names, pixel_values)
     # NaN/Inf in any weight shows in the reference's output (an Inf times a non-zero is never finite
@@ -279,6 +299,10 @@ def compare(
     del oracle_model, oracle_sites, reference
 
     # 2. The candidate. Given no rename map, one is inferred (see infer.py) and reported.
+    say(
+        "candidate: loading weights"
+        + (" and inferring its rename map" if candidate is not None and rename is None else "")
+    )
     infer = candidate is not None and rename is None
     cand, cand_info, load, inferred = _prepare_candidate(
         candidate, config, w.state_dict, rules, attn, allowed, infer=infer
@@ -297,8 +321,11 @@ def compare(
                 f"no --rename given: {len(all_rules)} rule(s) inferred ({inferred['account']}; sites matched by "
                 "value); `siglip-parity inspect` shows them and --write-rename saves them"
             )
-    runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_out, rule=rule)
+    runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_out, rule=rule, skipped=skipped)
+    say(f"candidate: {'isolated' if isolated else 'propagated'} run")
     sites = _run_candidate(cand, names, pixel_values, isolated=isolated, truths=truth_iso or truth_prop, **runs)
+    if mode == "both":
+        say("candidate: propagated run")
     prop_sites = (
         _run_candidate(cand, names, pixel_values, isolated=False, truths=truth_prop, **runs) if mode == "both" else None
     )
@@ -346,7 +373,7 @@ def assert_parity(**kwargs: Any) -> Report:
     return report
 
 
-def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
+def _compile_patterns(patterns: Sequence[str], flag: str = "--allow-unloaded") -> list[re.Pattern[str]]:
     if isinstance(patterns, str):
         patterns = [patterns]
     out = []
@@ -354,7 +381,7 @@ def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
         try:
             out.append(re.compile(p))
         except re.error as exc:
-            raise InputError(f"pattern {p!r} does not compile ({exc})", "--allow-unloaded", "fix the regex") from None
+            raise InputError(f"pattern {p!r} does not compile ({exc})", flag, "fix the regex") from None
     return out
 
 
@@ -434,14 +461,19 @@ def _run_candidate(
     ref_out: Mapping[str, torch.Tensor],
     truths: Mapping[str, SiteTruth] | None,
     rule: Rule,
+    skipped: Sequence[str] = (),
 ) -> list[SiteResult]:
     cand_sites = named_sites(candidate, lambda n: _rename(n, rules), names)
-    results: dict[str, SiteResult] = {}
+    results: dict[str, SiteResult] = {
+        n: SiteResult(n, status="skipped", passed=True, note="--skip-site: not compared") for n in skipped
+    }
 
     def judge(site: str, tensor: torch.Tensor) -> SiteResult:
         return measure(site, tensor, ref_out[site], truths[site] if truths is not None else None, rule)
 
     def measure_out(site: str, output: Any) -> None:
+        if site in skipped:
+            return
         t = first_tensor(output)
         if t is None:
             results[site] = SiteResult(site, status="shape", note=f"module returned {type(output).__name__}")

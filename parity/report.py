@@ -29,7 +29,8 @@ JSON schema (stable; fields are only ever added)::
 
 ``mode`` is ``both`` (the default: ``sites`` are the isolated comparison, which blames, and
 ``propagated_sites`` the end-to-end one), ``isolated`` or ``propagated``. ``status`` is one of
-``exact``, ``ok``, ``fail``, ``missing``, ``shape``, ``nonfinite``. Numbers that are not finite are
+``exact``, ``ok``, ``fail``, ``missing``, ``shape``, ``nonfinite``, ``skipped`` (``--skip-site``: not
+compared; it neither passes nor fails, and the verdict says how many). Numbers that are not finite are
 written as ``null``.
 """
 
@@ -218,6 +219,11 @@ class Report:
         return [s.name for s in self.sites if s.status == "missing"]
 
     @property
+    def skipped_sites(self) -> list[str]:
+        """Sites declared not applicable (``--skip-site``): not compared, shown SKIPPED, never counted as passing."""
+        return [s.name for s in self.sites if s.status == "skipped"]
+
+    @property
     def first_divergent_site(self) -> str | None:
         first = self._first_failure()
         return first.name if first else None
@@ -242,11 +248,14 @@ class Report:
         return max(limits) if limits else None
 
     def _run_label(self) -> str:
-        return f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}"
+        skipped = len(self.skipped_sites)
+        return f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}" + (
+            f"; {skipped} site(s) SKIPPED by --skip-site, not compared" if skipped else ""
+        )
 
     @property
     def verdict(self) -> str:
-        n = len(self.sites)
+        n = len(self.sites) - len(self.skipped_sites)
         run = self._run_label()
         if self.nonfinite_weights:
             return (
@@ -260,7 +269,7 @@ class Report:
             )
         if self.passed:
             n_exact = sum(s.exact for s in self.sites)
-            if all(s.exact for s in self.all_sites):
+            if all(s.exact for s in self.all_sites if s.status != "skipped"):
                 return f"PASS: all {n} sites exact ({run})"
             if "rule" in self.tolerance:
                 worst = max(self.all_sites, key=lambda s: s.ratio or 0.0)
@@ -316,6 +325,7 @@ class Report:
                 "missing_keys": self.missing_keys,
                 "unexpected_keys": self.unexpected_keys,
                 "missing_sites": self.missing_sites,
+                "skipped_sites": self.skipped_sites,
                 "unloaded_parameters": self.unloaded_parameters,
                 "mutated_weights": self.mutated_weights,
                 "nonfinite_weights": self.nonfinite_weights,

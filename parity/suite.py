@@ -16,13 +16,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from siglip_scratch.cli_common import run
-from siglip_scratch.errors import SourceError
+from siglip_scratch.errors import OutputError, SourceError
 
 from .compare import Weights, compare, resolve_weights
 from .golden import run_golden
@@ -106,13 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m siglip_scratch.parity.suite", description=__doc__)
     p.add_argument("--presets", nargs="+", default=list(PRESETS), help="hub ids to run (default: both presets)")
     p.add_argument("--batch", type=int, default=1, help="random images per comparison (default 1)")
+    p.add_argument(
+        "--out",
+        default="parity-report",
+        metavar="DIR",
+        help="where the reports go: suite.json (every comparison's full report) and suite.md (default parity-report)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return run(_main, p.parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("exists and is not a folder", str(out_dir), "give --out a folder path")
     failed = False
+    reports: list[tuple[str, Any]] = []
     kinds: dict[str, str] = {}
     n_rows = 0
     t_start = time.perf_counter()
@@ -145,6 +156,7 @@ def _main(args: argparse.Namespace) -> int:
                         batch=args.batch,
                     )
                     failed |= not report.passed
+                    reports.append((preset, report))
                     ratios = [s.ratio for s in report.all_sites if s.ratio is not None]
                     worst = max(ratios) if ratios else float("nan")
                     n_exact = sum(s.exact for s in report.sites)
@@ -168,6 +180,7 @@ def _main(args: argparse.Namespace) -> int:
         golden_ok = run_golden([p for p in args.presets if p in PRESETS], update=False)
     ok = not failed and golden_ok
     total = time.perf_counter() - t_start
+    _write_reports(out_dir, reports, ok)
     from .reference import transformers_version
 
     print(
@@ -181,7 +194,22 @@ def _main(args: argparse.Namespace) -> int:
         "modes isolated + propagated; 'worst ×ref' = the candidate's error against the float64 oracle "
         "over transformers' own, worst site"
     )
+    print(f"  reports: {out_dir / 'suite.json'} (every comparison in full), {out_dir / 'suite.md'}")
     return 0 if ok else 1
+
+
+def _write_reports(out_dir: Path, reports: list[tuple[str, Any]], ok: bool) -> None:
+    import json
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        runs = [{"preset": preset, "report": json.loads(r.to_json())} for preset, r in reports]
+        (out_dir / "suite.json").write_text(json.dumps({"passed": ok, "runs": runs}, indent=1), encoding="utf-8")
+        md = [f"# make parity: {'PASS' if ok else 'FAIL'}", ""]
+        md += [f"## {preset}\n\n{r.to_markdown()}" for preset, r in reports]
+        (out_dir / "suite.md").write_text("\n".join(md), encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write the reports ({exc.strerror})", str(out_dir), "check the path") from None
 
 
 if __name__ == "__main__":

@@ -79,3 +79,39 @@ def test_inspect_usage_errors_are_one_line(tmp_path, capsys):
     assert parity_main(["inspect", "--candidate", f"{PORT}:build", "--write-rename", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_skip_site_is_reported_skipped_never_passed(weights, hf):
+    """A site the user declares not applicable: SKIPPED, not compared, and the
+    verdict says so; a pattern that matches no site is a usage error before anything runs."""
+    report = compare(weights=weights, candidate=f"{PORT}:build", skip_sites=[r".*\.layers\.1\.mlp"], depth="fine")
+    assert report.passed, report.table()
+    assert report.skipped_sites == ["vision_model.encoder.layers.1.mlp"]
+    site = next(s for s in report.sites if s.name == "vision_model.encoder.layers.1.mlp")
+    assert site.status == "skipped" and site.max_abs is None and not site.exact
+    assert "1 site(s) SKIPPED" in report.verdict and "SKIPPED" in report.table()
+    assert json.loads(report.to_json())["skipped_sites"] == ["vision_model.encoder.layers.1.mlp"]
+    # Skipping a failing site does not hide the failure elsewhere: layer 2's bug still fails the run.
+    bad = compare(
+        weights=weights, candidate=f"{PORT}:build_swapped_qk_in_layer_2", skip_sites=[r".*layers\.2\.self_attn"]
+    )
+    assert not bad.passed and bad.first_divergent_site.startswith("vision_model.encoder.layers.2"), bad.table()
+    with pytest.raises(Exception, match="matches no site"):
+        compare(weights=weights, skip_sites=["vision_model.nothing"])
+
+
+def test_progress_lines_on_stderr_only_when_asked_or_interactive(capsys, hf):
+    argv = ["--preset", "google/siglip-base-patch16-224", "--candidate", f"{PORT}:build", "--batch", "1"]
+    assert parity_main([*argv, "--depth", "coarse", "--progress"]) == 0
+    captured = capsys.readouterr()
+    phases = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    assert phases == [
+        "loading weights",
+        "reference and float64 oracle (isolated + propagated) at 15 sites",
+        "candidate: loading weights and inferring its rename map",
+        "candidate: isolated run",
+        "candidate: propagated run",
+    ], captured.err
+    assert "rule(s) inferred" in captured.out
+    assert parity_main([*argv, "--depth", "coarse", "--mode", "isolated"]) == 0  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""

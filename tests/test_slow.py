@@ -27,12 +27,19 @@ def test_so400m_bit_exact_with_transformers(dtype, hf):
     assert_exact(a.pooler_output, b.pooler_output, f"so400m pooler_output {dtype}")
 
 
-def test_the_parity_suite_passes(capsys, hf):
+def test_the_parity_suite_passes(capsys, tmp_path, hf):
+    import json
+
     from siglip_scratch.parity.suite import main
 
-    rc = main([])
+    rc = main(["--out", str(tmp_path / "reports")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "golden fingerprints hold" in out, out
     rows = [line for line in out.splitlines() if line.startswith("siglip-") and " both/" in line]
     assert len(rows) == 6 and all((" synthetic " in r or " real " in r) for r in rows), out
+    runs = json.loads((tmp_path / "reports" / "suite.json").read_text())
+    assert runs["passed"] is True and len(runs["runs"]) == 6
+    assert all(r["report"]["passed"] for r in runs["runs"])
+    assert (tmp_path / "reports" / "suite.md").read_text().startswith("# make parity: PASS")
+    assert f"reports: {tmp_path / 'reports' / 'suite.json'}" in out
