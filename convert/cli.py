@@ -12,11 +12,11 @@ import os
 import signal
 import sys
 
-from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, run
+from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, OneLineParser, parse, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="siglip-convert",
         description="Convert a SigLIP / PaliGemma / big_vision / timm checkpoint into a vision-only "
         "safetensors folder that siglip_scratch and transformers.SiglipVisionModel both load.",
@@ -63,7 +63,9 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 

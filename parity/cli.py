@@ -11,12 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, run
+from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, OneLineParser, parse, run
 from siglip_scratch.errors import OutputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="siglip-parity",
         description="Compare a SigLIP vision encoder with transformers.SiglipVisionModel, site by site. "
         "`siglip-parity inspect --candidate X` shows how a candidate's names map (see inspect --help).",
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_inspect_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="siglip-parity inspect",
         description="Show how a candidate's modules and parameters meet the canonical sites and keys, and "
         "the rename map that joins them (inferred when --rename is not given).",
@@ -134,8 +134,10 @@ def build_inspect_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
-        return run(_inspect, build_inspect_parser().parse_args(argv[1:]))
-    return run(_main, build_parser().parse_args(argv))
+        args = parse(build_inspect_parser(), argv[1:])
+        return args if isinstance(args, int) else run(_inspect, args)
+    args = parse(build_parser(), argv)
+    return args if isinstance(args, int) else run(_main, args)
 
 
 def _inspect(args: argparse.Namespace) -> int:

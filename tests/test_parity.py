@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -398,3 +399,52 @@ def test_bad_rename_fails_before_any_weights_are_read(rename, needle):
     with pytest.raises(SiglipScratchError) as exc:  # InputError, or SourceError for the missing file
         compare(weights="/no/such/weights", candidate=f"{EXAMPLE}:build", rename=rename)
     assert needle in str(exc.value), str(exc.value)
+
+
+BEFORE_ANY_WORK = [
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--device", "meta"], "device type 'meta' cannot run"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "int8"], "unsupported dtype 'int8'"),
+    (["--rename", "x.json"], "no --candidate was given"),
+    (["--allow-unloaded", "x"], "no --candidate was given"),
+    (["--plot", "out.txt"], "cannot tell the plot format"),
+    (["--json", "/tmp"], "is a folder, not a file"),
+    (["--markdown", "/no/such/dir/r.md"], "output folder does not exist"),
+    (["--candidate", f"{EXAMPLE}:build", "--rename", "/no/such/map.json"], "no rename map found"),
+    (["--candidate", f"{EXAMPLE}:build", "--skip-site", "("], "does not compile"),
+    (["--mode", "sideways"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", BEFORE_ANY_WORK, ids=[" ".join(a) for a, _ in BEFORE_ANY_WORK])
+def test_cli_argument_errors_return_before_any_weights_are_read(argv, needle, capsys, monkeypatch):
+    """One line on stderr, exit 2, no traceback, and not a byte of weights read (loading is booby-trapped)."""
+    compare_module = importlib.import_module("siglip_scratch.parity.compare")
+
+    def trap(*args, **kwargs):
+        raise AssertionError("weights were loaded before the argument error was reported")
+
+    monkeypatch.setattr(compare_module, "resolve_weights", trap)
+    rc = parity_main(["--preset", "google/siglip-base-patch16-224", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_every_flag_is_described_with_its_default():
+    """--help of both CLIs (and inspect): every option has a help text; options with a default say it."""
+    from siglip_scratch.convert.cli import build_parser as convert_parser
+    from siglip_scratch.parity.cli import build_inspect_parser, build_parser
+
+    for parser in (build_parser(), build_inspect_parser(), convert_parser()):
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{parser.prog} {'/'.join(action.option_strings) or action.dest} has no help"
+            default = action.default
+            if action.option_strings and default not in (None, False, [], "==SUPPRESS=="):
+                assert "default" in action.help or str(default) in action.help, (
+                    f"{parser.prog} {action.option_strings[0]} does not say its default {default!r}"
+                )

@@ -8,11 +8,27 @@ from collections.abc import Callable
 
 from .errors import SiglipScratchError
 
-__all__ = ["EXIT_FAIL", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "run"]
+__all__ = ["EXIT_FAIL", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "OneLineParser", "parse", "run"]
 
 # 0 success; 1 the check failed (parity, golden, --verify); 2 a usage or input error (the user's to fix);
 # 3 an internal error (ours: a bug to report). docs/ERRORS.md lists them too.
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: <what> (<prog> --help lists the options)``), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """``parser.parse_args(argv)``, or the exit code when it exits (2 on a usage error, 0 for --help)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def run(
