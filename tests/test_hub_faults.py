@@ -144,3 +144,37 @@ def test_gated_repo_needs_a_token(hub, tmp_path):
     _failed_cleanly(tmp_path, _convert(hub, tmp_path), "gated")
     hub.env["HF_TOKEN"] = hub.token
     _ok(hub, tmp_path, _convert(hub, tmp_path))
+
+
+def test_retries_are_announced_to_a_person_watching(hub, tmp_path):
+    """With stderr a terminal, each retry says what failed, when it retries, and the offline hint;
+    piped (CI, tests above) only the final one-line error appears."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    hub.faults.errors_5xx[f"{REPO}/{WEIGHTS}"] = 2
+    master, slave = pty.openpty()
+    mode = ["--full-download"] if hub.mode == "full" else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "siglip_scratch.convert.cli", REPO, str(tmp_path / "out"), "--quiet", *mode],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "HF_HUB_DISABLE_XET": "1", **hub.env},
+        timeout=300,
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        while chunk := os.read(master, 4096):
+            seen += chunk
+    except OSError:  # the pty reports EIO once the writer is gone and everything was read
+        pass
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    # Either our retry loop says it ("retry 1 of 2 … HF_HUB_OFFLINE=1") or the hub client's own (which
+    # retries some 5xx inside its calls, before we see them) is let through: the 503 is never silent.
+    ours = "retry 1 of 2" in text and "HF_HUB_OFFLINE=1" in text
+    assert "503" in text and (ours or "retry" in text.lower()), text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,29 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:200]
 
 
+def _backoff(attempt: int, last: str, where: str) -> None:
+    """Wait before retry ``attempt`` (1-based), saying what failed and what happens next when a person
+    is watching (stderr is a terminal); logs and CI keep the one-line error contract."""
+    wait = BACKOFF_S * 2 ** (attempt - 1)
+    if sys.stderr.isatty():
+        print(
+            f"hub: {last} ({where}); retry {attempt} of {RETRIES} in {wait:.1f} s "
+            "(offline? set HF_HUB_OFFLINE=1 to use only the local cache)",
+            file=sys.stderr,
+            flush=True,
+        )
+    time.sleep(wait)
+
+
 def quiet_hub_logs() -> None:
-    """Keep the hub client's retry warnings off stderr (CLIs print one line per failure)."""
+    """Keep the hub client's retry warnings off stderr when it is not a terminal (logs and CI get one
+    line per failure); a person watching sees the client's own retries as they happen."""
     from huggingface_hub.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    if sys.stderr.isatty():
+        hf_logging.set_verbosity_warning()
+    else:
+        hf_logging.set_verbosity_error()
 
 
 def _forget(path: Path) -> None:
@@ -90,7 +109,7 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, option
     sha_failures = 0
     for attempt in range(RETRIES + 1):
         if attempt:
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+            _backoff(attempt, last, where)
         try:
             path = Path(hf_hub_download(repo_id, filename, revision=revision, force_download=sha_failures > 0))
         except hf_errors.GatedRepoError:
@@ -275,7 +294,7 @@ def _fetch_range(url: str, start: int, end: int, sink, read: RangedRead, where: 
                 f"{last}; gave up after {RETRIES + 1} attempts", where, "retry later, or use --full-download"
             )
         if failures:
-            time.sleep(BACKOFF_S * 2 ** (failures - 1))
+            _backoff(failures, last, where)
         read.requests += 1
         try:
             with _stream(url, pos, end) as (response, body):
@@ -332,7 +351,7 @@ def _file_metadata(url: str, where: str, *, missing_ok: bool):
     last = ""
     for attempt in range(RETRIES + 1):
         if attempt:
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+            _backoff(attempt, last, where)
         try:
             return get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
         except transient as exc:
