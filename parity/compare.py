@@ -43,7 +43,7 @@ from .candidate import (
 from .infer import infer_parameter_rules, infer_site_rules
 from .oracle import SiteTruth, run_oracle
 from .reference import build_reference, canonical_name, reference_prefix, transformers_version
-from .report import Report, Rule, SiteResult, measure
+from .report import Report, Rule, SiteResult, measure, range_scan
 from .sites import (
     Depth,
     RenameRules,
@@ -284,6 +284,7 @@ def compare(
     skipped = [n for n in names if any(p.fullmatch(n) for p in skips)]
     reference = build_reference(config, w.state_dict, attn_implementation=attn)
     ref_in, ref_out = _record_reference(reference, names, pixel_values)
+    ranges, range_notes = range_scan(ref_out)
     # NaN/Inf in any weight shows in the reference's output (an Inf times a non-zero is never finite
     # again): scan the weights only then, to name them.
     finite = all(bool(torch.isfinite(t).all()) for t in ref_out.values())
@@ -335,7 +336,7 @@ def compare(
     mutated = sorted(k for k in fingerprint if after.get(k) != fingerprint[k])
     if mutated:
         w.tainted = mutated
-    notes = inferred_notes
+    notes = [*inferred_notes, *range_notes]
     if load.allowed_unloaded:
         notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
     return Report(
@@ -343,6 +344,7 @@ def compare(
         propagated_sites=prop_sites,
         reference={"impl": "transformers.SiglipVisionModel", "version": transformers_version(), "attn": attn},
         candidate={**cand_info, "loaded_via": load.via},
+        ranges=ranges,
         weights={"source": w.source, "synthetic": w.synthetic, "kind": "synthetic" if w.synthetic else "real"},
         dtype=name,
         device=str(device),

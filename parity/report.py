@@ -15,13 +15,16 @@ and the report says so.
 JSON schema (stable; fields are only ever added)::
 
     {"passed": bool, "verdict": str,
-     "reference": {"impl", "version", "attn"}, "candidate": {"impl", "version", "attn", "loaded_via"},
+     "reference": {"impl", "version", "attn"},
+     "candidate": {"impl", "version", "attn", "loaded_via", "inferred_rename"?, "inference"?},
      "weights": {"source", "synthetic", "kind"}, "dtype", "device", "mode", "depth",
      "tolerance": {"atol", "rtol"} | {"rule": "oracle", "k", "k_max", "floor", "floor_max", "unit_roundoff"},
      "inputs": {"batch", "images", "seed", "height", "width"},
      "first_divergent_site": str | null, "missing_keys": [..], "unexpected_keys": [..], "missing_sites": [..],
      "unloaded_parameters": [..], "mutated_weights": [..], "nonfinite_weights": [..],
-     "resolution": float | null,
+     "resolution": float | null, "notes": [str], "skipped_sites": [..],
+     "ranges": [{"site", "max_abs", "fp16_headroom", "flag", "underflow_fraction"}],
+     "fp16_overflow_site": str | null,
      "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
                 "note", "err_ref", "err_cand", "err_ref_max", "err_cand_max", "limit", "limit_max",
                 "nonfinite_side", "nonfinite_index"}],
@@ -135,6 +138,65 @@ class SiteResult:
         return self.err_cand / self.err_ref
 
 
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # float16's smallest subnormal: smaller magnitudes flush to zero
+FP16_MARGIN = 8.0  # a site within this factor of float16's max is flagged as near overflow
+
+
+def range_scan(outputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per site, the reference's max |x| against float16's limits, and notes for the sites that matter.
+
+    Returns (one entry per site: ``site``, ``max_abs``, ``fp16_headroom`` (65504 / max|x|), ``flag``
+    (``"overflow"``, ``"near"`` within ×8 of 65504, ``"underflow"`` when over 1 % of the non-zero values
+    are below float16's smallest subnormal, else null), ``underflow_fraction``), notes)."""
+    entries: list[dict[str, Any]] = []
+    for site, t in outputs.items():
+        x = t.detach().abs().double()
+        finite = x[torch.isfinite(x)]
+        m = finite.max().item() if finite.numel() else None
+        nonzero = finite[finite > 0]
+        under = (nonzero < FP16_TINY).double().mean().item() if nonzero.numel() else 0.0
+        flag = None
+        if m is not None and m > FP16_MAX:
+            flag = "overflow"
+        elif m is not None and m * FP16_MARGIN > FP16_MAX:
+            flag = "near"
+        elif under > 0.01:
+            flag = "underflow"
+        entries.append(
+            {
+                "site": site,
+                "max_abs": m,
+                "fp16_headroom": (FP16_MAX / m) if m else None,
+                "flag": flag,
+                "underflow_fraction": under,
+            }
+        )
+    notes = []
+    over = [e for e in entries if e["flag"] == "overflow"]
+    near = [e for e in entries if e["flag"] == "near"]
+    under = [e for e in entries if e["flag"] == "underflow"]
+    if over:
+        e = over[0]
+        notes.append(
+            f"float16 would overflow at {e['site']}: max |x| {e['max_abs']:.3g} > 65504 "
+            f"({len(over)} site(s) over float16's max)"
+        )
+    if near:
+        e = min(near, key=lambda e: e["fp16_headroom"])
+        notes.append(
+            f"{len(near)} site(s) within ×{FP16_MARGIN:g} of float16's max; closest {e['site']}: max |x| "
+            f"{e['max_abs']:.3g} (×{e['fp16_headroom']:.3g} headroom)"
+        )
+    if under:
+        e = max(under, key=lambda e: e["underflow_fraction"])
+        notes.append(
+            f"{len(under)} site(s) with over 1 % of values below float16's smallest subnormal; worst {e['site']} "
+            f"({100 * e['underflow_fraction']:.1f} %)"
+        )
+    return entries, notes
+
+
 def _first_nonfinite(t: torch.Tensor) -> list[int]:
     bad = (~torch.isfinite(t)).nonzero()
     return [int(i) for i in bad[0]] if len(bad) else []
@@ -209,6 +271,13 @@ class Report:
     mutated_weights: list[str] = field(default_factory=list)
     nonfinite_weights: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The reference's range per site (see `range_scan`): how close each comes to float16's limits.
+    ranges: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fp16_overflow_site(self) -> str | None:
+        """The first site whose reference values exceed float16's max (65504), whatever the run dtype."""
+        return next((r["site"] for r in self.ranges if r["max_abs"] is not None and r["max_abs"] > FP16_MAX), None)
 
     @property
     def all_sites(self) -> list[SiteResult]:
@@ -331,6 +400,8 @@ class Report:
                 "nonfinite_weights": self.nonfinite_weights,
                 "notes": self.notes,
                 "resolution": self.resolution,
+                "ranges": self.ranges,
+                "fp16_overflow_site": self.fp16_overflow_site,
                 "sites": [asdict(s) for s in self.sites],
                 "propagated_sites": None
                 if self.propagated_sites is None

@@ -448,3 +448,21 @@ def test_every_flag_is_described_with_its_default():
                 assert "default" in action.help or str(default) in action.help, (
                     f"{parser.prog} {action.option_strings[0]} does not say its default {default!r}"
                 )
+
+
+def test_range_scan_names_where_float16_would_overflow_even_in_a_float32_run(small_weights, hf):
+    """A float32 run whose layer-1 MLP output exceeds 65504 (fc2 scaled ×3e4): the run passes (it is
+    float32 and exact) and the report names that site as where float16 would overflow."""
+    key = "vision_model.encoder.layers.1.mlp.fc2.weight"
+    state = {**small_weights.state_dict, key: small_weights.state_dict[key] * 3e4}
+    report = compare(weights=Weights(SMALL, state, "scaled", True), mode="propagated", depth="fine")
+    assert report.passed, report.table()
+    site = "vision_model.encoder.layers.1.mlp"
+    assert report.fp16_overflow_site == site, report.ranges
+    note = next(n for n in report.notes if n.startswith("float16 would overflow at"))
+    assert note.startswith(f"float16 would overflow at {site}: max |x| "), note
+    assert note in report.table() and json.loads(report.to_json())["fp16_overflow_site"] == site
+    before = [r for r in report.ranges if r["site"] in ("vision_model.embeddings", "vision_model.encoder.layers.0")]
+    assert before and all(r["flag"] is None and r["fp16_headroom"] > 8 for r in before), before
+    normal = compare(weights=small_weights, mode="propagated", depth="coarse")
+    assert normal.fp16_overflow_site is None and not any(r["flag"] for r in normal.ranges), normal.ranges
