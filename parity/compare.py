@@ -40,6 +40,7 @@ from .candidate import (
     load_candidate_factory,
     load_weights_into,
 )
+from .diagnose import diagnose
 from .infer import infer_parameter_rules, infer_site_rules
 from .oracle import SiteTruth, run_oracle
 from .reference import build_reference, canonical_name, reference_prefix, transformers_version
@@ -331,12 +332,19 @@ def compare(
         _run_candidate(cand, names, pixel_values, isolated=False, truths=truth_prop, **runs) if mode == "both" else None
     )
 
+    # 2b. Why: known-bug variants at the first site that fails in isolated mode (its input is known).
+    diagnosis = None
+    first_fail = next((r for r in sites if r.status == "fail"), None) if isolated else None
+    if first_fail is not None and first_fail.name in ref_in:
+        say(f"diagnosis: known-bug variants at {first_fail.name}")
+        diagnosis = _diagnose(cand, config, w.state_dict, attn, names, pixel_values, runs, first_fail)
+
     # 3. Did the candidate change what the reference ran on?
     after = weight_fingerprint(w.state_dict)
     mutated = sorted(k for k in fingerprint if after.get(k) != fingerprint[k])
     if mutated:
         w.tainted = mutated
-    notes = [*inferred_notes, *range_notes]
+    notes = [*([diagnosis.line()] if diagnosis is not None else []), *inferred_notes, *range_notes]
     if load.allowed_unloaded:
         notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
     return Report(
@@ -345,6 +353,7 @@ def compare(
         reference={"impl": "transformers.SiglipVisionModel", "version": transformers_version(), "attn": attn},
         candidate={**cand_info, "loaded_via": load.via},
         ranges=ranges,
+        diagnosis=diagnosis.to_dict() if diagnosis is not None else None,
         weights={"source": w.source, "synthetic": w.synthetic, "kind": "synthetic" if w.synthetic else "real"},
         dtype=name,
         device=str(device),
@@ -540,6 +549,40 @@ def _missing_notes(candidate: nn.Module, rules: RenameRules, missing: Sequence[s
             f"; closest: {shown}; map one with a --rename rule" if shown else "; it has no submodules at all"
         )
     return out
+
+
+def _diagnose(cand, config, state, attn, names, pixel_values, runs, failed: SiteResult):
+    """Capture the candidate's output at the failing site (teacher-forced, as judged) and rank the
+    known-bug variants of our module for that site against it."""
+    site = failed.name
+    captured: dict[str, torch.Tensor] = {}
+    rules, ref_in = runs["rules"], runs["ref_in"]
+    cand_sites = named_sites(cand, lambda n: _rename(n, rules), names)
+    if site not in cand_sites:
+        return None
+
+    def on_input(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name == "vision_model.embeddings" or name not in ref_in:
+            return None
+        return replace_first_tensor(args, kwargs, ref_in[name])
+
+    def on_output(name: str, output: Any) -> None:
+        if name == site:
+            t = first_tensor(output)
+            if t is not None:
+                captured[name] = t.detach()
+
+    try:
+        with torch.inference_mode(), hooks({site: cand_sites[site]}, on_input=on_input, on_output=on_output):
+            cand(pixel_values)
+    except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
+        return None
+    if site not in captured:
+        return None
+    ours = SiglipVisionModel.from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
+    return diagnose(
+        site, ours.get_submodule(site), ref_in[site], captured[site], runs["ref_out"][site], config, failed.limit
+    )
 
 
 def _rename(name: str, rules: RenameRules) -> str:

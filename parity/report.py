@@ -25,6 +25,7 @@ JSON schema (stable; fields are only ever added)::
      "resolution": float | null, "notes": [str], "skipped_sites": [..],
      "ranges": [{"site", "max_abs", "fp16_headroom", "flag", "underflow_fraction"}],
      "fp16_overflow_site": str | null,
+     "diagnosis": {"site", "likely_cause": str | null, "limit", "variants": [{"variant", "err", "relative"}]} | null,
      "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
                 "note", "err_ref", "err_cand", "err_ref_max", "err_cand_max", "limit", "limit_max",
                 "nonfinite_side", "nonfinite_index"}],
@@ -273,6 +274,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # The reference's range per site (see `range_scan`): how close each comes to float16's limits.
     ranges: list[dict[str, Any]] = field(default_factory=list)
+    # Known-bug variants ranked at the first site that fails in isolated mode (parity/diagnose.py).
+    diagnosis: dict[str, Any] | None = None
 
     @property
     def fp16_overflow_site(self) -> str | None:
@@ -401,6 +404,7 @@ class Report:
                 "notes": self.notes,
                 "resolution": self.resolution,
                 "ranges": self.ranges,
+                "diagnosis": self.diagnosis,
                 "fp16_overflow_site": self.fp16_overflow_site,
                 "sites": [asdict(s) for s in self.sites],
                 "propagated_sites": None

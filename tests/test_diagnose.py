@@ -1,0 +1,59 @@
+"""Say why: each planted bug of the matrix is named as the likely cause at its site; honest ones are not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from siglip_scratch import SiglipVisionModel
+from siglip_scratch.parity import compare
+
+from .planted_bugs import MATRIX
+from .test_parity import (
+    SMALL,
+    small_weights,  # noqa: F401  (fixture)
+)
+
+EXPECTED = {
+    "missing residual": "no residual around the MLP",
+    "erf GELU in one MLP": "the other GELU",
+    "LayerNorm eps 1e-5": "LayerNorm eps 1e-5",
+    "q/k swapped": "q and k swapped",
+    "attention scale 1/d": "scaled by 1/head_dim",
+    "wrong head count": "2 heads instead of 4",
+    "exact GELU in the head": "the other GELU (exact erf ↔ tanh approximation) in the MAP head's MLP",
+}
+
+
+@pytest.mark.parametrize("bug", list(MATRIX))
+def test_planted_bug_is_named_as_the_likely_cause(bug, small_weights, hf):  # noqa: F811
+    make, site = MATRIX[bug]
+    model = SiglipVisionModel.from_state_dict(SMALL, small_weights.state_dict)
+    make(1, SMALL.num_attention_heads)(model)
+    report = compare(weights=small_weights, candidate=model, mode="isolated", depth="fine")
+    assert not report.passed and report.first_divergent_site == site(1), report.table()
+    d = report.diagnosis
+    assert d is not None and d["site"] == site(1), d
+    assert d["likely_cause"] is not None and EXPECTED[bug] in d["likely_cause"], json.dumps(d, indent=1)
+    line = f"likely cause: {d['likely_cause']} in {site(1)}"
+    assert any(n.startswith(line) for n in report.notes), report.notes
+    assert line in report.table()
+
+
+def test_an_unknown_bug_is_not_given_a_cause(small_weights, hf):  # noqa: F811
+    """A bug no variant describes (the MLP's output scaled by 1.01): the diagnosis says none reproduces it."""
+    model = SiglipVisionModel.from_state_dict(SMALL, small_weights.state_dict)
+    mlp = model.vision_model.encoder.layers[2].mlp
+    forward = mlp.forward
+    mlp.forward = lambda h: forward(h) * 1.01
+    report = compare(weights=small_weights, candidate=model, mode="isolated", depth="fine")
+    assert not report.passed
+    d = report.diagnosis
+    assert d["site"] == "vision_model.encoder.layers.2.mlp" and d["likely_cause"] is None, d
+    assert any(n.startswith("no known bug reproduces the candidate at") for n in report.notes), report.notes
+
+
+def test_a_passing_run_has_no_diagnosis(small_weights, hf):  # noqa: F811
+    report = compare(weights=small_weights, mode="both", depth="coarse")
+    assert report.passed and report.diagnosis is None
