@@ -26,6 +26,8 @@ JSON schema (stable; fields are only ever added)::
      "ranges": [{"site", "max_abs", "fp16_headroom", "flag", "underflow_fraction"}],
      "fp16_overflow_site": str | null,
      "diagnosis": {"site", "likely_cause": str | null, "limit", "variants": [{"variant", "err", "relative"}]} | null,
+     "amplification": [{"site", "local", "local_ratio", "accumulated", "accumulated_ratio", "local_passed",
+                        "accumulated_passed"}],
      "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
                 "note", "err_ref", "err_cand", "err_ref_max", "err_cand_max", "limit", "limit_max",
                 "nonfinite_side", "nonfinite_index"}],
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -405,6 +408,7 @@ class Report:
                 "resolution": self.resolution,
                 "ranges": self.ranges,
                 "diagnosis": self.diagnosis,
+                "amplification": self.amplification,
                 "fp16_overflow_site": self.fp16_overflow_site,
                 "sites": [asdict(s) for s in self.sites],
                 "propagated_sites": None
@@ -478,8 +482,58 @@ class Report:
             f"{self.dtype} on {self.device}, {self.mode}; {rule}"
         )
 
+    @property
+    def amplification(self) -> list[dict[str, Any]]:
+        """Mode ``both``: per layer output, the local error (isolated: this layer's own) next to the
+        accumulated one (propagated: everything before it too), both against the float64 oracle."""
+        if self.propagated_sites is None:
+            return []
+        prop = {s.name: s for s in self.propagated_sites}
+        rows = []
+        for s in self.sites:
+            p = prop.get(s.name)
+            if p is None or not re.fullmatch(r"vision_model\.encoder\.layers\.\d+", s.name):
+                continue
+            rows.append(
+                {
+                    "site": s.name,
+                    "local": s.err_cand,
+                    "local_ratio": s.ratio,
+                    "accumulated": p.err_cand,
+                    "accumulated_ratio": p.ratio,
+                    "local_passed": s.passed,
+                    "accumulated_passed": p.passed,
+                }
+            )
+        return rows
+
+    def amplification_line(self) -> str | None:
+        """One line telling a local bug from drift that builds up over the layers."""
+        rows = [r for r in self.amplification if r["local"] is not None and r["accumulated"] is not None]
+        if len(rows) < 2:
+            return None
+        first_local = next((r for r in rows if not r["local_passed"]), None)
+        first_acc = next((r for r in rows if not r["accumulated_passed"]), None)
+        a0, a1 = rows[0]["accumulated"], rows[-1]["accumulated"]
+        growth = f"×{a1 / a0:.3g}" if a0 else "from 0"
+        span = f"{rows[0]['site'].rsplit('.', 1)[-1]}→{rows[-1]['site'].rsplit('.', 1)[-1]}"
+        if first_local is not None:
+            return (
+                f"amplification: a local error at {first_local['site']} (isolated ×{first_local['local_ratio']:.3g}); "
+                f"accumulated error over layers {span} grows {growth}"
+            )
+        if first_acc is not None:
+            return (
+                f"amplification: every layer passes alone, but the accumulated error grows {growth} over layers "
+                f"{span} and exceeds its bound first at {first_acc['site']}: drift, not one local bug"
+            )
+        return f"amplification: accumulated error over layers {span} grows {growth}, within bounds throughout"
+
     def _extras(self) -> list[str]:
         extra = list(self.notes)
+        line = self.amplification_line() if not self.passed else None
+        if line:
+            extra.append(line)
         if self.nonfinite_weights:
             extra.append(f"weights with NaN/Inf: {', '.join(self.nonfinite_weights)}")
         if self.mutated_weights:

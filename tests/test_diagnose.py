@@ -57,3 +57,21 @@ def test_an_unknown_bug_is_not_given_a_cause(small_weights, hf):  # noqa: F811
 def test_a_passing_run_has_no_diagnosis(small_weights, hf):  # noqa: F811
     report = compare(weights=small_weights, mode="both", depth="coarse")
     assert report.passed and report.diagnosis is None
+
+
+def test_amplification_sets_local_error_beside_accumulated(small_weights, hf):  # noqa: F811
+    """Mode both: per layer the isolated (local) and propagated (accumulated) error; a local bug is
+    called local, at its layer."""
+    make, _ = MATRIX["erf GELU in one MLP"]
+    model = SiglipVisionModel.from_state_dict(SMALL, small_weights.state_dict)
+    make(1, SMALL.num_attention_heads)(model)
+    report = compare(weights=small_weights, candidate=model, mode="both", depth="coarse")
+    rows = report.amplification
+    assert [r["site"] for r in rows] == [f"vision_model.encoder.layers.{i}" for i in range(SMALL.num_hidden_layers)]
+    assert rows[0]["local_passed"] and not rows[1]["local_passed"] and rows[2]["local_passed"], rows
+    assert all(not r["accumulated_passed"] for r in rows[1:]), rows
+    line = report.amplification_line()
+    assert line.startswith("amplification: a local error at vision_model.encoder.layers.1 "), line
+    assert line in report.table() and json.loads(report.to_json())["amplification"] == json.loads(json.dumps(rows))
+    clean = compare(weights=small_weights, mode="both", depth="coarse")
+    assert clean.passed and len(clean.amplification) == SMALL.num_hidden_layers
