@@ -75,3 +75,47 @@ def test_amplification_sets_local_error_beside_accumulated(small_weights, hf):  
     assert line in report.table() and json.loads(report.to_json())["amplification"] == json.loads(json.dumps(rows))
     clean = compare(weights=small_weights, mode="both", depth="coarse")
     assert clean.passed and len(clean.amplification) == SMALL.num_hidden_layers
+
+
+def _variant_candidate(weights, site: str, variant):
+    """Our encoder with the module at ``site`` replaced by a known-bug variant of itself."""
+    from siglip_scratch.parity.diagnose import VARIANTS  # noqa: F401  (the library under test)
+
+    model = SiglipVisionModel.from_state_dict(SMALL, weights.state_dict)
+    module = model.get_submodule(site)
+    module.forward = lambda x, *a, **k: variant(module, x, SMALL)
+    return model
+
+
+def _library_cases():
+    from siglip_scratch.parity.diagnose import VARIANTS, _heads_variants
+
+    L = "vision_model.encoder.layers"
+    last = SMALL.num_hidden_layers - 1
+    sub = {"norm": "layer_norm2", "attention": "self_attn", "mlp": "mlp"}
+    cases = []
+    for kind, variants in {**VARIANTS, "attention": VARIANTS["attention"] + _heads_variants(SMALL)}.items():
+        for desc, fn in variants:
+            if kind in sub:
+                sites = [f"{L}.{k}.{sub[kind]}" for k in (0, 2, last)]
+            elif kind == "layer":
+                sites = [f"{L}.{k}" for k in (0, 2, last)]
+            else:
+                sites = [f"vision_model.{kind}"]
+            cases += [pytest.param(site, desc, fn, id=f"{site.replace('vision_model.', '')}: {desc}") for site in sites]
+    return cases
+
+
+@pytest.mark.parametrize("site, desc, variant", _library_cases())
+def test_every_library_variant_is_named_first_where_it_is_planted(site, desc, variant, small_weights, hf):  # noqa: F811
+    """Each variant of the library planted as the candidate's module at layer 0, a middle and the last
+    layer (or its one site): isolated mode names exactly it, at exactly that site."""
+    report = compare(weights=small_weights, candidate=_variant_candidate(small_weights, site, variant), mode="isolated")
+    if report.passed:
+        # eps 1e-12 for 1e-6 changes a norm only where the variance is near 1e-6: on these activations
+        # it is below float32's resolution at some sites, and a PASS there is right, not a miss.
+        assert desc == "LayerNorm eps 1e-12", report.table()
+        return
+    assert report.first_divergent_site == site, report.table()
+    d = report.diagnosis
+    assert d["likely_cause"] == desc, json.dumps(d, indent=1)[:2000]
