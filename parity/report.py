@@ -158,6 +158,8 @@ def range_scan(outputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], 
         x = t.detach().abs().double()
         finite = x[torch.isfinite(x)]
         m = finite.max().item() if finite.numel() else None
+        if finite.numel() < x.numel() and bool(torch.isinf(x).any()):
+            m = math.inf  # the reference itself overflowed (a float16 run): that is the overflow
         nonzero = finite[finite > 0]
         under = (nonzero < FP16_TINY).double().mean().item() if nonzero.numel() else 0.0
         flag = None
@@ -182,10 +184,8 @@ def range_scan(outputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], 
     under = [e for e in entries if e["flag"] == "underflow"]
     if over:
         e = over[0]
-        notes.append(
-            f"float16 would overflow at {e['site']}: max |x| {e['max_abs']:.3g} > 65504 "
-            f"({len(over)} site(s) over float16's max)"
-        )
+        size = "Inf in the reference itself" if math.isinf(e["max_abs"]) else f"max |x| {e['max_abs']:.3g} > 65504"
+        notes.append(f"float16 would overflow at {e['site']}: {size} ({len(over)} site(s) over float16's max)")
     if near:
         e = min(near, key=lambda e: e["fp16_headroom"])
         notes.append(

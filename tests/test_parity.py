@@ -466,3 +466,18 @@ def test_range_scan_names_where_float16_would_overflow_even_in_a_float32_run(sma
     assert before and all(r["flag"] is None and r["fp16_headroom"] > 8 for r in before), before
     normal = compare(weights=small_weights, mode="propagated", depth="coarse")
     assert normal.fp16_overflow_site is None and not any(r["flag"] for r in normal.ranges), normal.ranges
+
+
+def test_range_scan_in_a_float16_run_and_quiet_on_synthetic_presets(small_weights, hf):
+    """float16: a planted large-activation channel (one fc2 output row ×1e5 in layer 2) overflows the
+    reference itself; the scan names that site. The synthetic presets flag nothing."""
+    key = "vision_model.encoder.layers.2.mlp.fc2.weight"
+    w = small_weights.state_dict[key].clone()
+    w[5] *= 1e5  # one channel, past float16
+    state = {k: v.half() for k, v in {**small_weights.state_dict, key: w}.items()}
+    report = compare(weights=Weights(SMALL, state, "channel", True), dtype="float16", mode="propagated")
+    assert report.fp16_overflow_site == "vision_model.encoder.layers.2.mlp", report.ranges
+    assert any(n.startswith("float16 would overflow at vision_model.encoder.layers.2.mlp") for n in report.notes)
+    quiet = compare(preset="google/siglip-base-patch16-224", mode="propagated", depth="fine", batch=1)
+    flagged = [r for r in quiet.ranges if r["flag"]]
+    assert quiet.passed and not flagged, flagged  # so400m-384: tests/test_slow.py

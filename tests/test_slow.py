@@ -43,3 +43,11 @@ def test_the_parity_suite_passes(capsys, tmp_path, hf):
     assert all(r["report"]["passed"] for r in runs["runs"])
     assert (tmp_path / "reports" / "suite.md").read_text().startswith("# make parity: PASS")
     assert f"reports: {tmp_path / 'reports' / 'suite.json'}" in out
+
+
+def test_range_scan_flags_nothing_on_synthetic_so400m(hf):
+    from siglip_scratch.parity import compare
+
+    report = compare(preset=SO400M, mode="propagated", depth="fine", batch=1)
+    flagged = [r for r in report.ranges if r["flag"]]
+    assert report.passed and len(report.ranges) == 27 * 5 + 3 and not flagged, flagged
