@@ -30,7 +30,10 @@ JSON schema (stable; fields are only ever added)::
                         "accumulated_passed"}],
      "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
                 "note", "err_ref", "err_cand", "err_ref_max", "err_cand_max", "limit", "limit_max",
-                "nonfinite_side", "nonfinite_index"}],
+                "nonfinite_side", "nonfinite_index",
+                "pattern": {"kind", "summary", "mean", "std", "bias", "channel_offset_share", "worst_channel",
+                            "channel_share", "token_offset_share", "worst_token", "token_share", "scale_share"}
+                           | null}],
      "propagated_sites": [same as sites] | null}
 
 ``mode`` is ``both`` (the default: ``sites`` are the isolated comparison, which blames, and
@@ -131,6 +134,8 @@ class SiteResult:
     limit_max: float | None = None  # the bound on err_cand_max (oracle rule)
     nonfinite_side: str | None = None  # "candidate", "reference" or "oracle"
     nonfinite_index: list[int] | None = None  # first non-finite element
+    # For failing sites: is the difference a systematic bias or noise-like? (see `_pattern`)
+    pattern: dict[str, Any] | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -253,7 +258,65 @@ def measure(
         result.limit, result.limit_max = rule.limits(truth)
         result.passed = exact or (result.err_cand <= result.limit and result.err_cand_max <= result.limit_max)
     result.status = "exact" if exact else ("ok" if result.passed else "fail")
+    if result.status == "fail":
+        result.pattern = _pattern(d, b)
     return result
+
+
+SYSTEMATIC_BIAS = 0.5  # |mean signed Δ| over its spread
+CONCENTRATION = 10.0  # a channel (token) carrying this many times its even share of |Δ|
+
+
+def _pattern(d: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Systematic or noise-like. How much of Δ's energy a simple structure explains: one offset per
+    channel (the last axis), one per token (the axis before it), or a multiple of the reference (a
+    scale); the mean signed Δ against its spread; and how concentrated |Δ| is in one channel or token.
+    A wrong constant (a missing bias, an eps, a scale) is explained by one of them; a different
+    summation order by none."""
+    energy = d.pow(2).sum().item()
+    flat = d.flatten()
+    mean, std = flat.mean().item(), flat.std().item() if flat.numel() > 1 else 0.0
+    bias = abs(mean) / std if std > 0 else (math.inf if mean else 0.0)
+    out: dict[str, Any] = {"mean": mean, "std": std, "bias": bias}
+    reasons = []
+    if energy > 0 and d.dim() >= 2:
+        rows = d.reshape(-1, d.shape[-1])
+        out["channel_offset_share"] = rows.shape[0] * rows.mean(0).pow(2).sum().item() / energy
+        per_channel = rows.abs().sum(0)
+        c = int(per_channel.argmax())
+        out["worst_channel"], out["channel_share"] = c, per_channel[c].item() / (per_channel.sum().item() or 1.0)
+        if out["channel_offset_share"] > 0.5:
+            reasons.append(f"a per-channel offset explains {100 * out['channel_offset_share']:.0f} % of Δ")
+        if out["channel_share"] > CONCENTRATION / d.shape[-1]:
+            reasons.append(f"channel {c} carries {100 * out['channel_share']:.0f} % of |Δ|")
+    if energy > 0 and d.dim() >= 3:
+        tokens = d.reshape(-1, d.shape[-2], d.shape[-1])
+        out["token_offset_share"] = d.shape[-1] * tokens.mean(-1).pow(2).sum().item() / energy
+        per_token = tokens.abs().sum((0, 2))
+        t = int(per_token.argmax())
+        out["worst_token"], out["token_share"] = t, per_token[t].item() / (per_token.sum().item() or 1.0)
+        if out["token_offset_share"] > 0.5:
+            reasons.append(f"a per-token offset explains {100 * out['token_offset_share']:.0f} % of Δ")
+        if out["token_share"] > CONCENTRATION / d.shape[-2]:
+            reasons.append(f"token {t} carries {100 * out['token_share']:.0f} % of |Δ|")
+    r2 = ref.pow(2).sum().item()
+    if energy > 0 and r2 > 0:
+        dot = (d.flatten() @ ref.flatten()).item()
+        out["scale_share"] = dot * dot / (energy * r2)
+        if out["scale_share"] > 0.5:
+            reasons.append(
+                f"Δ ≈ {dot / r2:+.2g}× the reference explains {100 * out['scale_share']:.0f} % of Δ (a scale)"
+            )
+    if bias > SYSTEMATIC_BIAS:
+        reasons.append(f"mean signed Δ {bias:.2g}× its spread")
+    out["kind"] = "systematic" if reasons else "noise-like"
+    out["summary"] = (
+        "systematic: " + "; ".join(reasons)
+        if reasons
+        else f"noise-like: no offset, scale or hot channel/token explains it (worst channel {out.get('worst_channel')}, "
+        f"token {out.get('worst_token')})"
+    )
+    return out
 
 
 @dataclass
@@ -369,6 +432,8 @@ class Report:
                     f"error {_x(first.ratio)} transformers' own: err {first.err_cand:.3g} vs {first.err_ref:.3g}, "
                     f"bound {first.limit:.3g}; max|Δ| {first.max_abs:.3g}, cosine {first.cosine:.6f}"
                 )
+                if first.pattern:
+                    detail += f"; {first.pattern['summary']}"
             else:
                 detail = f"max|Δ| {first.max_abs:.3g} > {first.limit:.3g}, rel L2 {_g(first.rel_l2)}, cosine {first.cosine:.6f}"
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from siglip_scratch import SiglipVisionModel
 from siglip_scratch.parity import compare
@@ -119,3 +120,45 @@ def test_every_library_variant_is_named_first_where_it_is_planted(site, desc, va
     assert report.first_divergent_site == site, report.table()
     d = report.diagnosis
     assert d["likely_cause"] == desc, json.dumps(d, indent=1)[:2000]
+
+
+def _wrapped(weights, fn):
+    model = SiglipVisionModel.from_state_dict(SMALL, weights.state_dict)
+    mlp = model.vision_model.encoder.layers[2].mlp
+    forward = mlp.forward
+    mlp.forward = lambda h: fn(forward(h))
+    return model
+
+
+@pytest.mark.parametrize(
+    "name, fn, needle",
+    [
+        ("offset per channel", lambda y: y + torch.linspace(-1e-3, 1e-3, y.shape[-1]), "a per-channel offset explains"),
+        ("scale", lambda y: y * 1.001, "× the reference explains"),
+        (
+            "one hot channel",
+            lambda y: y + torch.nn.functional.one_hot(torch.tensor(7), y.shape[-1]) * 1e-2,
+            "channel 7",
+        ),
+        ("bias", lambda y: y + 1e-3, "mean signed Δ"),
+    ],
+)
+def test_a_systematic_difference_is_called_systematic(name, fn, needle, small_weights, hf):  # noqa: F811
+    report = compare(weights=small_weights, candidate=_wrapped(small_weights, fn), mode="isolated")
+    site = next(s for s in report.sites if s.status == "fail")
+    assert site.name == "vision_model.encoder.layers.2.mlp" and site.pattern["kind"] == "systematic", site.pattern
+    assert needle in site.pattern["summary"], site.pattern["summary"]
+    assert site.pattern["summary"] in report.verdict
+
+
+def test_a_data_dependent_difference_is_called_noise_like(small_weights, hf):  # noqa: F811
+    make, _ = MATRIX["erf GELU in one MLP"]
+    model = SiglipVisionModel.from_state_dict(SMALL, small_weights.state_dict)
+    make(2, SMALL.num_attention_heads)(model)
+    report = compare(weights=small_weights, candidate=model, mode="isolated")
+    site = next(s for s in report.sites if s.status == "fail")
+    assert site.pattern["kind"] == "noise-like", site.pattern
+    assert (
+        json.loads(report.to_json())["sites"][[s.name for s in report.sites].index(site.name)]["pattern"]["kind"]
+        == "noise-like"
+    )
