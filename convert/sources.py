@@ -612,6 +612,9 @@ def _model_name(folder: Path) -> str | None:
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if not isinstance(model_type, str):
         return None
+    text = data.get("text_config")
+    if model_type == "paligemma" and isinstance(text, dict) and text.get("model_type") == "gemma2":
+        return "PaliGemma 2"  # one class and model_type for both; the language model tells them apart
     return MODEL_NAMES.get(model_type, model_type)
 
 

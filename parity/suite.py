@@ -113,8 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="where the reports go: suite.json (every comparison's full report) and suite.md (default parity-report)",
     )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="a line on stderr as each comparison starts, with the elapsed time and an ETA "
+        "(default: only when stderr is a terminal)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return run(_main, p.parse_args(argv))
+
+
+def _cost(preset: str, depth: str) -> float:
+    """A comparison's relative cost: layers x patches x width^2 (the GEMMs), a fifth more at fine depth."""
+    from siglip_scratch.config import get_preset
+
+    c = get_preset(preset)
+    return c.num_hidden_layers * c.num_patches * c.hidden_size**2 * (1.2 if depth == "fine" else 1.0)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -134,6 +148,29 @@ def _main(args: argparse.Namespace) -> int:
     )
     print(_row([name for name, _ in COLUMNS]), flush=True)
     print("-" * 110, flush=True)
+    show = args.progress or sys.stderr.isatty()
+    plan = [(p, r) for p in args.presets for r in RUNS.get(p, DEFAULT_RUNS)]
+    total_cost = sum(_cost(p, r[3]) for p, r in plan)
+    done_cost, t_runs = 0.0, None
+
+    def announce(preset: str, run: tuple) -> None:
+        """``[  40s] 3/6 base-224 float32 eager both/coarse (ETA 70s)``: the ETA scales the time spent
+        so far by the cost left (see `_cost`), so it is calibrated on this machine by the runs done."""
+        nonlocal t_runs
+        if t_runs is None:
+            t_runs = time.perf_counter()
+        if not show:
+            return
+        spent = time.perf_counter() - t_runs
+        eta = f" (ETA {spent * (total_cost - done_cost) / done_cost:.0f}s)" if done_cost else ""
+        k = n_rows + 1
+        print(
+            f"[{time.perf_counter() - t_start:5.0f}s] {k}/{len(plan)} {preset.split('/')[-1]} {run[0]} {run[1]} "
+            f"{run[2]}/{run[3]}{' images' if run[4] else ''}{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     with tempfile.TemporaryDirectory(prefix="siglip-parity-") as tmp:
         images = [str(p) for p in generated_images(Path(tmp))]
         for preset in args.presets:
@@ -145,6 +182,7 @@ def _main(args: argparse.Namespace) -> int:
                 for run_dtype, attn, mode, depth, use_images in runs:
                     if run_dtype != dtype:
                         continue
+                    announce(preset, (run_dtype, attn, mode, depth, use_images))
                     t0 = time.perf_counter()
                     report = compare(
                         weights=weights,
@@ -174,6 +212,7 @@ def _main(args: argparse.Namespace) -> int:
                     ]
                     print(_row(cells), flush=True)
                     n_rows += 1
+                    done_cost += _cost(preset, depth)
                     if not report.passed:
                         print(report.table(), flush=True)
                 del weights

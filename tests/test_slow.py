@@ -32,8 +32,11 @@ def test_the_parity_suite_passes(capsys, tmp_path, hf):
 
     from siglip_scratch.parity.suite import main
 
-    rc = main(["--out", str(tmp_path / "reports")])
-    out = capsys.readouterr().out
+    rc = main(["--out", str(tmp_path / "reports"), "--progress"])
+    captured = capsys.readouterr()
+    out = captured.out
+    progress = captured.err.splitlines()
+    assert len(progress) == 6 and "1/6 " in progress[0] and all("ETA" in line for line in progress[1:]), progress
     assert rc == 0, out
     assert "golden fingerprints hold" in out, out
     rows = [line for line in out.splitlines() if line.startswith("siglip-") and " both/" in line]

@@ -32,6 +32,9 @@ def _build(kind: str, T):
     if kind == "PaliGemma":
         cfg = T.PaliGemmaConfig(vision_config=vision, text_config={**TEXT, "model_type": "gemma", "vocab_size": 300})
         return T.PaliGemmaForConditionalGeneration(cfg)
+    if kind == "PaliGemma 2":  # the same class with a Gemma 2 language model
+        text = {**TEXT, "model_type": "gemma2", "vocab_size": 300}
+        return T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(vision_config=vision, text_config=text))
     if kind == "Gemma 3":  # no MAP head, as the real 896-px tower
         cfg = T.Gemma3Config(
             vision_config={**vision, "vision_use_head": False},
@@ -57,7 +60,7 @@ def _build(kind: str, T):
     raise AssertionError(kind)
 
 
-KINDS = ["PaliGemma", "Gemma 3", "LLaVA", "LLaVA-NeXT", "LLaVA-OneVision"]
+KINDS = ["PaliGemma", "PaliGemma 2", "Gemma 3", "LLaVA", "LLaVA-NeXT", "LLaVA-OneVision"]
 
 
 def _tower(model):
