@@ -162,3 +162,24 @@ def test_a_data_dependent_difference_is_called_noise_like(small_weights, hf):  #
         json.loads(report.to_json())["sites"][[s.name for s in report.sites].index(site.name)]["pattern"]["kind"]
         == "noise-like"
     )
+
+
+def test_bf16_profiles_honest_flat_and_a_planted_bug_jumps_at_its_layer(small_weights, hf):  # noqa: F811
+    """In bfloat16, honest rounding gives a flat local-error profile (every layer about transformers'
+    own), a q/k swap in layer 2 a jump at exactly that layer; the accumulated error follows from there."""
+    import statistics
+
+    from siglip_scratch.parity import Weights
+
+    bf16 = Weights(SMALL, {k: v.bfloat16() for k, v in small_weights.state_dict.items()}, "bf16", True)
+    honest = compare(weights=bf16, dtype="bfloat16", mode="both", depth="coarse")
+    flat = [r["local_ratio"] for r in honest.amplification]
+    assert honest.passed and max(flat) <= 3, flat
+    make, _ = MATRIX["q/k swapped"]
+    model = SiglipVisionModel.from_state_dict(SMALL, bf16.state_dict)
+    make(2, SMALL.num_attention_heads)(model)
+    bug = compare(weights=bf16, candidate=model, dtype="bfloat16", mode="both", depth="coarse")
+    local = [r["local_ratio"] for r in bug.amplification]
+    assert max(range(len(local)), key=local.__getitem__) == 2, local
+    assert local[2] > 10 * statistics.median(local), local  # measured: ×51 against ×1.0 elsewhere
+    assert bug.amplification_line().startswith("amplification: a local error at vision_model.encoder.layers.2 ")
