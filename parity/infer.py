@@ -2,11 +2,13 @@
 
 Two steps, each a rule that can be checked, never a guess from substrings:
 
-1. **Parameters by order and shape.** A port that registers its tensors in the hub's order (nearly all
-   do: embeddings, then each layer's norm, attention, norm, MLP, then the final norm and the head)
-   lines up with the canonical keys one to one. If every pair has the same shape, that is the map;
-   if any does not (a fused qkv, a ``[1, N, D]`` position table), no parameter rule is inferred and
-   the candidate needs ``load_hf_state_dict`` (or a map) for its weights.
+1. **Parameters module by module.** The candidate's layers are the numbered children of the one
+   container with as many entries as the checkpoint has layers. Within a layer, and outside the
+   layers, each module holding parameters meets the canonical module whose parameters have the same
+   shapes (weight and bias roles); where several share shapes (q/k/v/out, the two norms, post-norm vs
+   the head's norm) an alias table of the names ports use decides, then the order ports write them in.
+   Shapes that do not pair up (a fused qkv, a ``[1, N, D]`` position table) infer nothing: such a
+   candidate needs ``load_hf_state_dict`` (or a map) for its weights, and what stays unloaded fails.
 2. **Sites by value.** With the weights in, the candidate runs once on the run's pixels with every
    module hooked; each canonical site takes the candidate module whose output, of the same shape, is
    closest to the reference's output there (ties: a module with parameters, then the first). A module
