@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from siglip_scratch.errors import InputError
+
 from .sites import first_tensor
 
 __all__ = ["format_rename_map", "infer_parameter_rules", "infer_site_rules", "rules_to_json"]
@@ -256,6 +258,12 @@ def infer_site_rules(
     try:
         with torch.inference_mode():
             candidate(pixel_values)
+    except Exception as exc:  # the candidate is user code
+        raise InputError(
+            f"candidate forward raised {type(exc).__name__}: {exc}".splitlines()[0],
+            f"pixel_values shape {list(pixel_values.shape)}",
+            "run the candidate on this input by itself to debug it",
+        ) from None
     finally:
         for h in handles:
             h.remove()

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from siglip_scratch.modeling import synthetic_state_dict
 from siglip_scratch.parity import Weights, compare
@@ -115,3 +116,23 @@ def test_progress_lines_on_stderr_only_when_asked_or_interactive(capsys, hf):
     assert "rule(s) inferred" in captured.out
     assert parity_main([*argv, "--depth", "coarse", "--mode", "isolated"]) == 0  # stderr is not a terminal here
     assert capsys.readouterr().err == ""
+
+
+class _Raises(torch.nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.stem = torch.nn.Linear(2, 2)
+
+    def forward(self, pixel_values):
+        raise RuntimeError("boom")
+
+
+def test_a_candidate_whose_forward_raises_is_exit_2_not_an_internal_error(capsys, hf):
+    """Inference runs the candidate before the judged runs: its exception is the user's, one line."""
+    rc = parity_main(
+        ["--preset", "google/siglip-base-patch16-224", "--candidate", "tests.test_infer:_Raises", "--batch", "1"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: candidate forward raised RuntimeError: boom") and err.count("\n") == 1, (
+        err
+    )
