@@ -130,7 +130,18 @@ class _Raises(torch.nn.Module):
 def test_a_candidate_whose_forward_raises_is_exit_2_not_an_internal_error(capsys, hf):
     """Inference runs the candidate before the judged runs: its exception is the user's, one line."""
     rc = parity_main(
-        ["--preset", "google/siglip-base-patch16-224", "--candidate", "tests.test_infer:_Raises", "--batch", "1"]
+        [
+            "--preset",
+            "google/siglip-base-patch16-224",
+            "--candidate",
+            "tests.test_infer:_Raises",
+            "--batch",
+            "1",
+            "--mode",
+            "isolated",
+            "--depth",
+            "coarse",
+        ]
     )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: candidate forward raised RuntimeError: boom") and err.count("\n") == 1, (
