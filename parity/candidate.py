@@ -27,6 +27,7 @@ __all__ = [
     "LoadResult",
     "RenameLike",
     "as_rename_rules",
+    "forward_candidate",
     "load_candidate_factory",
     "load_rename_map",
     "load_weights_into",
@@ -88,6 +89,21 @@ def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.M
             f"candidate factory returned {type(module).__name__}, not a torch.nn.Module", spec, "return the model"
         )
     return module
+
+
+def forward_candidate(candidate: nn.Module, pixel_values: torch.Tensor) -> Any:
+    """``candidate(pixel_values)``; the candidate is user code, so anything it raises becomes a one-line
+    `InputError` (our own `InputError`s, e.g. from hooks, pass through)."""
+    try:
+        return candidate(pixel_values)
+    except InputError:
+        raise
+    except Exception as exc:  # the user's forward may raise anything
+        raise InputError(
+            f"candidate forward raised {type(exc).__name__}: {exc}".splitlines()[0],
+            f"pixel_values shape {list(pixel_values.shape)}",
+            "run the candidate on this input by itself to debug it",
+        ) from None
 
 
 def load_rename_map(path: str | os.PathLike[str]) -> RenameRules:

@@ -37,6 +37,7 @@ from .candidate import (
     RenameLike,
     as_rename_rules,
     build_candidate,
+    forward_candidate,
     load_candidate_factory,
     load_weights_into,
 )
@@ -511,18 +512,9 @@ def _run_candidate(
                 results[emb].note = "the input of layer 0 (the candidate has no embeddings module)"
         return teacher_force(site, args, kwargs) if isolated else None
 
-    try:
-        hooked = hooks(cand_sites, on_input=on_input if (isolated or emb_from_first) else None, on_output=measure_out)
-        with torch.inference_mode(), hooked:
-            output = candidate(pixel_values)
-    except InputError:
-        raise
-    except Exception as exc:  # the candidate is user code
-        raise InputError(
-            f"candidate forward raised {type(exc).__name__}: {exc}".splitlines()[0],
-            f"pixel_values shape {list(pixel_values.shape)}",
-            "run the candidate on this input by itself to debug it",
-        ) from None
+    hooked = hooks(cand_sites, on_input=on_input if (isolated or emb_from_first) else None, on_output=measure_out)
+    with torch.inference_mode(), hooked:
+        output = forward_candidate(candidate, pixel_values)
 
     # Candidates without module-level sites still expose their final outputs.
     fallbacks = {"vision_model.post_layernorm": first_tensor(output), "vision_model.head": _pooled(output)}

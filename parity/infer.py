@@ -30,8 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from siglip_scratch.errors import InputError
-
+from .candidate import forward_candidate
 from .sites import first_tensor
 
 __all__ = ["format_rename_map", "infer_parameter_rules", "infer_site_rules", "rules_to_json"]
@@ -257,13 +256,7 @@ def infer_site_rules(
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.inference_mode():
-            candidate(pixel_values)
-    except Exception as exc:  # the candidate is user code
-        raise InputError(
-            f"candidate forward raised {type(exc).__name__}: {exc}".splitlines()[0],
-            f"pixel_values shape {list(pixel_values.shape)}",
-            "run the candidate on this input by itself to debug it",
-        ) from None
+            forward_candidate(candidate, pixel_values)
     finally:
         for h in handles:
             h.remove()
