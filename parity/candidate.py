@@ -210,15 +210,15 @@ def load_weights_into(
 ) -> LoadResult:
     """Put the canonical tensors into the candidate, and account for every one of its tensors.
 
-    1. If the candidate defines ``load_hf_state_dict(view)`` (for what renaming cannot express: a fused
+    1. Rename rules first: each candidate key whose renamed name is a canonical tensor of the same shape
+       gets that tensor. Without a loader it is assigned (shared storage, no copy).
+    2. If the candidate defines ``load_hf_state_dict(view)`` (for what renaming cannot express: a fused
        qkv, a ``[1, N, D]`` position table, a folded scale), every floating-point parameter and
-       persistent buffer is first set to NaN, then the loader runs on a `CheckpointView` (copies on
-       read) and may return ``(missing, unexpected)`` or an object with ``missing_keys``/``unexpected_keys``.
-       At this point no candidate tensor shares storage with the checkpoint, so whatever the loader
-       writes in place is its own.
-    2. Rename rules fill the rest: each candidate key still unfilled whose renamed name is a canonical
-       tensor of the same shape gets that tensor assigned (shared storage, no copy). The loader's
-       version of a tensor wins over the rules'.
+       persistent buffer is first set to NaN, the rules *copy* into those placeholders (so nothing the
+       loader writes in place can reach the reference's storage), then the loader runs on a
+       `CheckpointView` (copies on read) and may return ``(missing, unexpected)`` or an object with
+       ``missing_keys``/``unexpected_keys``. It runs last, so its version of a tensor wins. A key whose
+       shape differs from its renamed canonical tensor is left to the loader.
     3. Whatever is still NaN (or was never assigned) was never loaded (``unloaded``), whatever its
        initial value was. Integer buffers (index tables) are not weights and are not checked.
     """
@@ -229,10 +229,38 @@ def load_weights_into(
     used: set[str] = set()
     missing: list[str] = []
     unexpected: list[str] = []
-    filled: set[str] = set()
     if hook is not None:
         for key in weights:
             _set_placeholder(candidate, key, own[key])
+
+    current = candidate.state_dict(keep_vars=True)
+    assign: dict[str, torch.Tensor] = {}
+    for key, tensor_now in current.items():
+        canonical = apply_rename(key, rules)
+        tensor = state_dict.get(canonical)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != tuple(tensor_now.shape):
+            if hook is not None:
+                continue  # a layout the loader is meant to convert; unloaded if it does not
+            raise InputError(
+                f"candidate parameter {key!r} has shape {list(tensor_now.shape)} but {canonical!r} is "
+                f"{list(tensor.shape)}",
+                spec,
+                "fix the rename map, or define load_hf_state_dict(state_dict) for layouts renaming cannot express",
+            )
+        assign[key] = tensor
+        used.add(canonical)
+    if assign:
+        # strict=False: `assign` holds only the keys the rules could fill; everything else is filled by the
+        # loader or reported below as unloaded, never silently dropped. With a loader the rules copy
+        # (the placeholders are the candidate's own storage); without one they share the tensors.
+        with torch.no_grad():
+            result = candidate.load_state_dict(assign, strict=False, assign=hook is None)
+        assert not result.unexpected_keys and set(result.missing_keys) == set(current) - set(assign)
+
+    filled: set[str] = set()
+    if hook is not None:
         view = CheckpointView(state_dict)
         try:
             returned = hook(view)
@@ -245,34 +273,8 @@ def load_weights_into(
         after_hook = candidate.state_dict(keep_vars=True)
         filled = {k for k in weights if k in after_hook and not _still_placeholder(after_hook[k])}
 
-    current = candidate.state_dict(keep_vars=True)
-    assign: dict[str, torch.Tensor] = {}
-    for key, tensor_now in current.items():
-        if key in filled:
-            continue
-        canonical = apply_rename(key, rules)
-        tensor = state_dict.get(canonical)
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != tuple(tensor_now.shape):
-            if hook is not None:
-                continue  # a layout the loader was meant to convert; unloaded if it did not
-            raise InputError(
-                f"candidate parameter {key!r} has shape {list(tensor_now.shape)} but {canonical!r} is "
-                f"{list(tensor.shape)}",
-                spec,
-                "fix the rename map, or define load_hf_state_dict(state_dict) for layouts renaming cannot express",
-            )
-        assign[key] = tensor
-        used.add(canonical)
-    if assign:
-        # strict=False: `assign` holds only the keys the rules could fill; everything else was filled
-        # by the loader or is reported below as unloaded, never silently dropped.
-        result = candidate.load_state_dict(assign, strict=False, assign=True)
-        assert not result.unexpected_keys and set(result.missing_keys) == set(current) - set(assign)
-
-    # Filled by the loader (checked NaN-free above) or assigned by the rules (the checkpoint's own tensor,
-    # whatever it holds: NaN weights are reported as nonfinite_weights, not as unloaded).
+    # Filled by the loader (NaN-free) or by the rules (the checkpoint's own tensor, whatever it holds: NaN
+    # weights are reported as nonfinite_weights, not as unloaded).
     loaded = filled | set(assign)
     unloaded = sorted(k for k in weights if k not in loaded)
     allowed = [k for k in unloaded if any(p.fullmatch(k) for p in allow_unloaded)]

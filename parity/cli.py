@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--progress",
         action="store_true",
-        help="a line on stderr as each phase starts, with the time so far (default: only when stderr is a terminal)",
+        help="a line on stderr as each phase starts, and per site group (embeddings, layer i/n, …) when a phase runs over 2 s, with the time so far (default: only when stderr is a terminal)",
     )
 
     gold = p.add_argument_group("golden fingerprints (has the reference itself moved?)")

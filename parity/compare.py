@@ -49,6 +49,7 @@ from .report import Report, Rule, SiteResult, measure, range_scan
 from .sites import (
     Depth,
     RenameRules,
+    SiteProgress,
     apply_rename,
     first_tensor,
     hooks,
@@ -297,8 +298,20 @@ def compare(
     oracle_sites = named_sites(oracle_model, lambda n: canonical_name(n, oracle_prefix), names)
     isolated = mode in ("isolated", "both")
     propagated = mode in ("propagated", "both")
-    truth_iso = run_oracle(oracle_model, oracle_sites, pixel_values, ref_out, ref_in) if isolated else None
-    truth_prop = run_oracle(oracle_model, oracle_sites, pixel_values, ref_out, None) if propagated else None
+    truth_iso = (
+        run_oracle(
+            oracle_model, oracle_sites, pixel_values, ref_out, ref_in, SiteProgress(say, "oracle (isolated)", names)
+        )
+        if isolated
+        else None
+    )
+    truth_prop = (
+        run_oracle(
+            oracle_model, oracle_sites, pixel_values, ref_out, None, SiteProgress(say, "oracle (propagated)", names)
+        )
+        if propagated
+        else None
+    )
     del oracle_model, oracle_sites, reference
 
     # 2. The candidate. Given no rename map, one is inferred (see infer.py) and reported.
@@ -325,12 +338,31 @@ def compare(
                 "value); `siglip-parity inspect` shows them and --write-rename saves them"
             )
     runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_out, rule=rule, skipped=skipped)
-    say(f"candidate: {'isolated' if isolated else 'propagated'} run")
-    sites = _run_candidate(cand, names, pixel_values, isolated=isolated, truths=truth_iso or truth_prop, **runs)
+    first_run = f"candidate: {'isolated' if isolated else 'propagated'} run"
+    say(first_run)
+    sites = _run_candidate(
+        cand,
+        names,
+        pixel_values,
+        isolated=isolated,
+        truths=truth_iso or truth_prop,
+        **runs,
+        progress=SiteProgress(say, first_run, names),
+    )
     if mode == "both":
         say("candidate: propagated run")
     prop_sites = (
-        _run_candidate(cand, names, pixel_values, isolated=False, truths=truth_prop, **runs) if mode == "both" else None
+        _run_candidate(
+            cand,
+            names,
+            pixel_values,
+            isolated=False,
+            truths=truth_prop,
+            **runs,
+            progress=SiteProgress(say, "candidate: propagated run", names),
+        )
+        if mode == "both"
+        else None
     )
 
     # 2b. Why: known-bug variants at the first site that fails in isolated mode (its input is known).
@@ -474,6 +506,7 @@ def _run_candidate(
     truths: Mapping[str, SiteTruth] | None,
     rule: Rule,
     skipped: Sequence[str] = (),
+    progress: SiteProgress | None = None,
 ) -> list[SiteResult]:
     cand_sites = named_sites(candidate, lambda n: _rename(n, rules), names)
     results: dict[str, SiteResult] = {
@@ -484,6 +517,8 @@ def _run_candidate(
         return measure(site, tensor, ref_out[site], truths[site] if truths is not None else None, rule)
 
     def measure_out(site: str, output: Any) -> None:
+        if progress is not None:
+            progress.done(site)
         if site in skipped:
             return
         t = first_tensor(output)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sites import first_tensor, hooks, replace_first_tensor
+from .sites import SiteProgress, first_tensor, hooks, replace_first_tensor
 
 __all__ = ["SiteTruth", "float64_units", "run_oracle", "unit_names"]
 
@@ -96,6 +96,7 @@ def run_oracle(
     pixel_values: torch.Tensor,
     ref_out: Mapping[str, torch.Tensor],
     ref_in: Mapping[str, torch.Tensor] | None,
+    progress: SiteProgress | None = None,
 ) -> dict[str, SiteTruth]:
     """Run ``model`` (the reference, sdpa attention) in float64 and reduce every site against ``ref_out``.
 
@@ -104,6 +105,7 @@ def run_oracle(
             they are the float64 units).
         ref_in: the reference's recorded inputs for isolated truth (teacher forcing), or None for
             propagated truth.
+        progress: told as each site's truth is reduced (per-group progress lines).
     """
     units = {n: sites[n] for n in unit_names(list(sites))}
     owned = {id(p) for u in units.values() for p in u.parameters()}
@@ -120,6 +122,8 @@ def run_oracle(
         truth = first_tensor(output)
         assert truth is not None and truth.dtype == torch.float64, f"oracle site {site} is not float64"
         truths[site] = reduce_truth(ref_out[site], truth)
+        if progress is not None:
+            progress.done(site)
 
     with torch.inference_mode(), float64_units(units), hooks(sites, on_input=force, on_output=reduce):
         model(pixel_values.to(torch.float64))

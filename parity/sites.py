@@ -9,6 +9,7 @@ site (teacher forcing), so an error stays where it was made.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from siglip_scratch.errors import InputError
 __all__ = [
     "Depth",
     "RenameRules",
+    "SiteProgress",
     "apply_rename",
     "first_tensor",
     "input_tensor",
@@ -101,6 +103,46 @@ def replace_first_tensor(
         assert isinstance(where, int)
         return (*args[:where], new, *args[where + 1 :]), kwargs
     return args, {**kwargs, where: new}
+
+
+class SiteProgress:
+    """Per-site-group progress for one phase (an oracle pass, a candidate run) that can take minutes.
+
+    ``done(site)`` is called as each site's output arrives. When a site group (the embeddings, one
+    layer, post_layernorm, the head) has finished and at least ``every`` seconds have passed since the
+    last line, one line says where the phase is: ``candidate: isolated run: layer 13/27 done``. Short
+    runs print nothing beyond their phase line.
+    """
+
+    every = 2.0  # seconds between lines; a class attribute so tests can set 0
+
+    def __init__(self, say: Callable[[str], None] | None, phase: str, names: Sequence[str]):
+        self.say, self.phase = say, phase
+        self.layers = sum(1 for n in names if _LAYER.fullmatch(n))
+        self.last = time.perf_counter()
+        self.group: str | None = None
+
+    def done(self, site: str) -> None:
+        if self.say is None:
+            return
+        group = self._group(site)
+        if group == self.group:
+            return
+        finished, self.group = self.group, group
+        now = time.perf_counter()
+        if finished is not None and now - self.last >= self.every:
+            self.say(f"{self.phase}: {finished} done")
+            self.last = now
+
+    def _group(self, site: str) -> str:
+        m = _LAYER_IN.match(site)
+        if m:
+            return f"layer {int(m.group(1)) + 1}/{self.layers}"
+        return site.rsplit(".", 1)[-1]
+
+
+_LAYER = re.compile(r".*encoder\.layers\.\d+")
+_LAYER_IN = re.compile(r".*encoder\.layers\.(\d+)(\.|$)")
 
 
 def named_sites(model: nn.Module, to_canonical: Callable[[str], str], wanted: Sequence[str]) -> dict[str, nn.Module]:

@@ -118,6 +118,24 @@ def test_progress_lines_on_stderr_only_when_asked_or_interactive(capsys, hf):
     assert capsys.readouterr().err == ""
 
 
+def test_long_phases_report_each_site_group(capsys, monkeypatch, hf):
+    """A phase longer than SiteProgress.every prints a line per finished group (0 s here: every group)."""
+    from siglip_scratch.parity.sites import SiteProgress
+
+    monkeypatch.setattr(SiteProgress, "every", 0.0)
+    argv = ["--preset", "google/siglip-base-patch16-224", "--batch", "1", "--depth", "coarse", "--progress"]
+    assert parity_main([*argv, "--mode", "isolated"]) == 0
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    groups = ["embeddings", *(f"layer {i}/12" for i in range(1, 13)), "post_layernorm"]
+    for phase in ("oracle (isolated)", "candidate: isolated run"):
+        got = [
+            line.split(": ", 1)[1] if phase.startswith("oracle") else line.rsplit(": ", 1)[1]
+            for line in lines
+            if line.startswith(phase + ":")
+        ]
+        assert got == [f"{g} done" for g in groups], lines
+
+
 class _Raises(torch.nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()

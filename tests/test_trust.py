@@ -424,6 +424,25 @@ def test_rename_and_loader_compose(small, hf):
     assert report.unloaded_parameters == [] and report.unexpected_keys == []
 
 
+class _FusedQKVScalesRuleFilled(_FusedQKV):
+    """Rules run before the loader: a loader that then edits a rule-filled tensor in place edits its own copy."""
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, sd):
+        super().load_hf_state_dict(sd)
+        self.net.vision_model.post_layernorm.weight.mul_(2.0)  # filled by the rules, before this ran
+
+
+def test_the_loader_runs_after_the_rules_on_the_candidates_own_copy(small, hf):
+    w = small["float32"]
+    before = {k: v.clone() for k, v in w.state_dict.items()}
+    rules = compile_rename({"rename": [["^net\\.", ""]]}, "inline")
+    report = compare(weights=w, candidate=_FusedQKVScalesRuleFilled, rename=rules, depth="fine")
+    assert not report.passed and report.first_divergent_site == "vision_model.post_layernorm", report.table()
+    assert all(torch.equal(before[k], v) for k, v in w.state_dict.items()), "the shared weights changed"
+    assert report.mutated_weights == [] and not w.tainted and report.unloaded_parameters == []
+
+
 # -- non-finite values ---------------------------------------------------------------------------------
 def test_nan_weights_are_a_reported_status(small, hf):
     state = {k: v.clone() for k, v in small["float32"].state_dict.items()}
