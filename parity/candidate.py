@@ -37,18 +37,16 @@ __all__ = [
 RenameLike = str | os.PathLike[str] | Mapping[str, Any] | Sequence[Sequence[Any]] | None
 
 
-def load_candidate_factory(spec: str) -> Any:
+def load_candidate_factory(spec: str, flag: str = "--candidate", what: str = "factory") -> Any:
     """Resolve ``module.path:factory`` (or ``path/to/file.py:factory``) to the callable."""
     if ":" not in spec:
-        raise InputError(
-            f"candidate {spec!r} is not module.path:factory", "--candidate", "e.g. my_pkg.vit:build_siglip"
-        )
+        raise InputError(f"{spec!r} is not module.path:{what}", flag, f"e.g. my_pkg.vit:{what}")
     module_name, _, attr = spec.rpartition(":")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise InputError("candidate file not found", module_name, "check the path")
+                raise InputError("file not found", module_name, f"check the path given to {flag}")
             mod_spec = importlib.util.spec_from_file_location(f"_siglip_candidate_{path.stem}", path)
             assert mod_spec is not None and mod_spec.loader is not None
             module = importlib.util.module_from_spec(mod_spec)
@@ -60,13 +58,13 @@ def load_candidate_factory(spec: str) -> Any:
         raise
     except Exception as exc:  # the user's module may raise anything while importing
         raise InputError(
-            f"cannot import candidate module {module_name!r}: {type(exc).__name__}: {exc}",
-            "--candidate",
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}",
+            flag,
             "check that it imports (is it on PYTHONPATH?)",
         ) from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise InputError(f"{module_name!r} has no callable {attr!r}", "--candidate", None)
+        raise InputError(f"{module_name!r} has no callable {attr!r}", flag, None)
     return factory
 
 

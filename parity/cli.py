@@ -8,6 +8,7 @@ siglip-scratch: one line, --debug for the traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Without it, any parameter the checkpoint did not fill fails the run",
     )
 
+    cand.add_argument(
+        "--candidate-processor",
+        metavar="MODULE:FN",
+        help="a function from a PIL image to pixel values [3, H, W], judged against transformers' image processor "
+        "on built-in probe images (non-square, small, large, alpha, grayscale, palette), with the likely cause of a "
+        "difference; alone it is judged alone, with --candidate both are (default: not checked)",
+    )
     cand.add_argument(
         "--skip-site",
         metavar="REGEX",
@@ -227,6 +235,16 @@ def _main(args: argparse.Namespace) -> int:
     from .compare import check_device, compare
 
     check_device(args.device)  # before any weights are read
+    pre = _check_processor(args) if args.candidate_processor else None
+    if pre is not None and not args.candidate:  # the processor alone is what is being judged
+        print(pre.verdict if args.quiet else pre.table())
+        for target, text in (
+            (args.json, lambda: json.dumps(pre.to_dict(), indent=2)),
+            (args.markdown, lambda: _processor_markdown(pre)),
+        ):
+            if target:
+                _write(target, text())
+        return EXIT_OK if pre.passed else EXIT_FAIL
 
     rules = load_rename_map(args.rename) if args.rename else None  # None: inferred, and reported
     report = compare(
@@ -250,13 +268,57 @@ def _main(args: argparse.Namespace) -> int:
         skip_sites=args.skip_site,
         progress=_progress_printer(args),
     )
+    if pre is not None:
+        print(pre.verdict if args.quiet else pre.table())
     print(report.verdict if args.quiet else report.table())
-    for target, text in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
+
+    def to_json() -> str:
+        if pre is None:
+            return report.to_json()
+        data = json.loads(report.to_json())
+        data["preprocessing"] = pre.to_dict()
+        data["passed"] = data["passed"] and pre.passed
+        return json.dumps(data, indent=2)
+
+    def to_markdown() -> str:
+        return report.to_markdown() + ("\n" + _processor_markdown(pre) if pre is not None else "")
+
+    for target, text in ((args.json, to_json), (args.markdown, to_markdown)):
         if target:
             _write(target, text())
     if args.plot:
         report.plot(args.plot)
-    return EXIT_OK if report.passed else EXIT_FAIL
+    return EXIT_OK if report.passed and (pre is None or pre.passed) else EXIT_FAIL
+
+
+def _check_processor(args: argparse.Namespace):
+    """The candidate processor against transformers' processor for the chosen weights source."""
+    from .preprocess import compare_processor, load_processor_callable, processor_for_source
+
+    say = _progress_printer(args) or (lambda line: None)
+    fn = load_processor_callable(args.candidate_processor)
+    say("preprocessing: candidate processor against transformers' on the probe images")
+    processor = processor_for_source(args.weights, args.model, args.preset, args.revision)
+    return compare_processor(fn, processor, name=args.candidate_processor)
+
+
+def _processor_markdown(pre) -> str:
+    rows = [
+        "### Preprocessing",
+        "",
+        f"{pre.verdict}",
+        "",
+        "| probe image | shape | RMS (levels) | max (levels) | transformers' spread rms/max | result |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in pre.probes:
+        rms = "—" if p.rms_levels is None else f"{p.rms_levels:.3f}"
+        mx = "—" if p.max_levels is None else f"{p.max_levels:.2f}"
+        rows.append(
+            f"| {p.image} | {'x'.join(map(str, p.shape))} | {rms} | {mx} | {p.spread_rms_levels:.3f}/{p.spread_max_levels:.2f} "
+            f"| {'ok' if p.passed else 'FAIL'} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def _progress_printer(args: argparse.Namespace):

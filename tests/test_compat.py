@@ -176,3 +176,22 @@ def test_transformers_default_processor_is_the_fast_one_here(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(SiglipImageProcessor().to_dict()))
     auto = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     assert auto.backend == "torchvision", type(auto).__name__
+
+
+@pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
+def test_candidate_processor_check_passes_transformers_torchvision_processor(resample):
+    """#13's acceptance: transformers' own processor passes `--candidate-processor`'s check with both
+    backends; the torchvision one is the real thing here (the PIL one is judged in make test)."""
+    _peer("torchvision")
+    transformers = _peer("transformers")
+    from siglip_scratch.parity.preprocess import compare_processor
+
+    proc = SiglipImageProcessor(size=(224, 224), resample=resample)
+    theirs = transformers.SiglipImageProcessor(do_convert_rgb=True, resample=resample)
+    assert theirs.backend == "torchvision", theirs.backend
+
+    def candidate(image):
+        return theirs(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    report = compare_processor(candidate, proc, name="transformers torchvision")
+    assert report.passed and report.cause is None, report.table()

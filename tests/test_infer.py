@@ -105,7 +105,8 @@ def test_progress_lines_on_stderr_only_when_asked_or_interactive(capsys, hf):
     argv = ["--preset", "google/siglip-base-patch16-224", "--candidate", f"{PORT}:build", "--batch", "1"]
     assert parity_main([*argv, "--depth", "coarse", "--progress"]) == 0
     captured = capsys.readouterr()
-    phases = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    lines = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    phases = [line for line in lines if not line.endswith(" done")]  # per-group lines come on a slow machine
     assert phases == [
         "loading weights",
         "reference and float64 oracle (isolated + propagated) at 15 sites",

@@ -1,0 +1,459 @@
+"""Preprocessing is the first site: a candidate image processor against transformers' own.
+
+Most public SigLIP parity bugs were in the pixels, not the math (a bilinear resize where the reference
+is bicubic, ImageNet mean/std where SigLIP uses 0.5, a centre crop where it squashes). This module
+judges a candidate processor — any callable from a PIL image to a pixel tensor — on a fixed set of
+probe images against transformers' PIL `SiglipImageProcessor`, and names the likely cause.
+
+The pass rule has no tuned constant: transformers ships two processors for SigLIP (PIL, and a
+torchvision one whose arithmetic `SiglipImageProcessor(backend="fast")` reproduces bit for bit) and
+they disagree by up to a few uint8 levels. That disagreement, per probe image, is the reference's own
+uncertainty: a candidate passes when, on every probe, its RMS difference is at most twice the two
+backends' (plus a floor of a quarter level) and its largest difference at most theirs plus one level.
+Both of transformers' processors pass by construction; a bilinear resize, a crop, ImageNet
+statistics or BGR are many levels away (the measured margins are in docs/PARITY.md).
+
+Likely cause: the reference's recipe (a renderer that reproduces transformers' output on every probe,
+checked) is replayed with one ingredient changed at a time — resample filter, antialias, geometry,
+mean/std, channel order, value range, rounding, alpha handling — and the variant that reproduces the
+candidate under the same rule is named. To add one, append to `VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from siglip_scratch.errors import InputError
+from siglip_scratch.processor import SiglipImageProcessor, to_rgb
+
+from .candidate import load_candidate_factory
+
+__all__ = [
+    "VARIANTS",
+    "ProcessorReport",
+    "Recipe",
+    "compare_processor",
+    "load_processor_callable",
+    "probe_images",
+    "render",
+]
+
+MEANS_STDS = {
+    "0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "ImageNet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "CLIP": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+# -- probe images ---------------------------------------------------------------------------------------
+def probe_images() -> list[tuple[str, Image.Image]]:
+    """Deterministic images that make preprocessing bugs visible: non-square both ways, smaller and
+    larger than any model size, with alpha, grayscale and a palette. Content mixes smooth colour
+    gradients (mean/std, channel order), hard edges and fine stripes (filters, antialias), and is
+    asymmetric left/right and top/bottom (crops)."""
+
+    def scene(w: int, h: int, seed: int) -> np.ndarray:
+        y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+        u, v = x / max(w - 1, 1), y / max(h - 1, 1)
+        r = 255 * u
+        g = 255 * v * (0.6 + 0.4 * np.sin(6 * u))
+        b = 255 * (0.5 + 0.5 * np.cos(9 * u * v))
+        img = np.stack([r, g, b], -1)
+        stripes = (np.sin(x * 1.3 + y * 0.4) > 0) & (u > 0.55)  # fine detail on the right only
+        img[stripes] = 255 - img[stripes]
+        disc = (x - 0.3 * w) ** 2 + (y - 0.35 * h) ** 2 < (0.18 * min(w, h)) ** 2
+        img[disc] = (230, 40, 20)  # a saturated red disc, top left: BGR shows, crops move it
+        img += np.random.default_rng(seed).normal(0, 6, img.shape)
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    rgba = np.concatenate([scene(260, 200, 4), np.zeros((200, 260, 1), np.uint8)], -1)
+    rgba[..., 3] = np.clip(np.linspace(0, 255 * 1.4, 260), 0, 255).astype(np.uint8)[None, :]  # half see-through
+    return [
+        ("wide 320x180 RGB", Image.fromarray(scene(320, 180, 1))),
+        ("tall 150x410 RGB", Image.fromarray(scene(150, 410, 2))),
+        ("small 61x45 RGB", Image.fromarray(scene(61, 45, 3))),
+        ("large 1000x700 RGB", Image.fromarray(scene(1000, 700, 5))),
+        ("RGBA 260x200 alpha ramp", Image.fromarray(rgba, "RGBA")),
+        ("grayscale 230x170 L", Image.fromarray(scene(230, 170, 6)).convert("L")),
+        ("palette 300x240 P", Image.fromarray(scene(300, 240, 7)).convert("P", palette=Image.Palette.ADAPTIVE)),
+    ]
+
+
+# -- the recipe and its variants ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """What a SigLIP-style processor does, one ingredient per field."""
+
+    size: tuple[int, int]  # (height, width)
+    resample: str = "bicubic"  # bicubic | bilinear | nearest
+    antialias: bool = True  # PIL always antialiases when downscaling; torch's interpolate does not by default
+    geometry: str = "squash"  # squash | crop (shortest side to size, centre crop) | shortest (no crop)
+    stats: str = "0.5"  # a key of MEANS_STDS
+    channels: str = "RGB"  # RGB | BGR
+    scale: str = "0-1"  # 0-1 | 0-255 (rescale skipped)
+    round_uint8: bool = True  # the resized image is uint8 before rescaling (PIL's resize of an RGB image)
+    alpha: str = "white"  # white (composited, transformers 5) | drop (transformers 4.57)
+
+
+def render(image: Image.Image, recipe: Recipe) -> torch.Tensor:
+    """One image through ``recipe`` to float32 ``[3, H, W]`` (W, H differ from ``size`` for 'shortest')."""
+    rgb = to_rgb(image, recipe.alpha)
+    h, w = recipe.size
+    if recipe.geometry == "squash":
+        target, crop = (h, w), None
+    else:
+        s = max(h / rgb.height, w / rgb.width) if recipe.geometry == "crop" else min(h, w) / min(rgb.size[::-1])
+        target = (max(1, round(rgb.height * s)), max(1, round(rgb.width * s)))
+        crop = (h, w) if recipe.geometry == "crop" else None
+    if recipe.antialias:
+        if recipe.round_uint8:
+            arr = np.asarray(rgb.resize(target[::-1], resample=FILTERS[recipe.resample]), dtype=np.float64)
+        else:  # resize each band in float ('F' mode): the same filter, no rounding
+            bands = [b.convert("F").resize(target[::-1], resample=FILTERS[recipe.resample]) for b in rgb.split()]
+            arr = np.stack([np.asarray(b, dtype=np.float64) for b in bands], -1)
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+    else:
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.float64)).permute(2, 0, 1)[None]
+        kw = {} if recipe.resample == "nearest" else {"align_corners": False}
+        x = torch.nn.functional.interpolate(x, size=target, mode=recipe.resample, antialias=False, **kw)[0]
+        if recipe.round_uint8:
+            x = x.round().clamp(0, 255)
+    if crop is not None:
+        top, left = (x.shape[1] - crop[0]) // 2, (x.shape[2] - crop[1]) // 2
+        x = x[:, top : top + crop[0], left : left + crop[1]]
+    if recipe.scale == "0-1":
+        x = x / 255.0
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in MEANS_STDS[recipe.stats])
+    x = (x - mean) / std if recipe.scale == "0-1" else x
+    if recipe.channels == "BGR":
+        x = x.flip(0)
+    return x.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # the cause, as the report says it
+    change: Callable[[Recipe], Recipe | None]  # None: does not apply to this reference
+
+
+def _set(**kw: Any) -> Callable[[Recipe], Recipe | None]:
+    def change(r: Recipe) -> Recipe | None:
+        new = replace(r, **kw)
+        return None if new == r else new
+
+    return change
+
+
+# The library of known preprocessing bugs. Each is the reference recipe with one ingredient changed.
+VARIANTS: list[Variant] = [
+    Variant("bilinear resize (the reference resizes bicubic)", _set(resample="bilinear")),
+    Variant("bicubic resize (the reference resizes bilinear)", _set(resample="bicubic")),
+    Variant("nearest-neighbour resize", _set(resample="nearest")),
+    Variant(
+        "resize without antialias (torch interpolate's default, in float)", _set(antialias=False, round_uint8=False)
+    ),
+    Variant("resize without antialias, rounded to uint8", _set(antialias=False)),
+    Variant("centre crop (shortest side to size, then crop) instead of squashing", _set(geometry="crop")),
+    Variant("shortest-side resize without crop (aspect kept)", _set(geometry="shortest")),
+    Variant("ImageNet mean/std (the reference uses 0.5/0.5)", _set(stats="ImageNet")),
+    Variant("CLIP mean/std (the reference uses 0.5/0.5)", _set(stats="CLIP")),
+    Variant("BGR channel order", _set(channels="BGR")),
+    Variant("values in 0–255 (rescale by 1/255 and normalisation skipped)", _set(scale="0-255")),
+    Variant("no rounding to uint8 after the resize (the reference resizes uint8)", _set(round_uint8=False)),
+    Variant("alpha dropped (the reference composites transparency on white)", _set(alpha="drop")),
+    Variant("alpha composited on white (the reference drops it)", _set(alpha="white")),
+    Variant(
+        "bilinear resize without antialias (torch interpolate, in float)",
+        _set(resample="bilinear", antialias=False, round_uint8=False),
+    ),
+    Variant(
+        "ImageNet mean/std and a centre crop (torchvision's classic ImageNet transform)",
+        _set(stats="ImageNet", geometry="crop"),
+    ),
+]
+
+
+# -- the check ------------------------------------------------------------------------------------------
+LEVEL = 1.0 / 255  # one uint8 step, before normalisation
+
+
+@dataclass
+class ProbeResult:
+    image: str
+    shape: list[int]
+    expected_shape: list[int]
+    rms_levels: float | None  # RMS |candidate - reference| in uint8 levels (normalisation undone)
+    max_levels: float | None
+    spread_rms_levels: float  # transformers' two processors against each other, the same units
+    spread_max_levels: float
+    passed: bool
+
+
+@dataclass
+class ProcessorReport:
+    candidate: str
+    reference: str
+    recipe: dict[str, Any]
+    probes: list[ProbeResult]
+    cause: str | None = None  # the variant that reproduces the candidate, if one does
+    ranking: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.probes)
+
+    @property
+    def verdict(self) -> str:
+        bad = [p for p in self.probes if not p.passed]
+        if not bad:
+            return (
+                f"PASS: preprocessing matches {self.reference} on {len(self.probes)} probe images "
+                "(within transformers' own PIL-vs-torchvision spread)"
+            )
+        worst = bad[0]
+        what = (
+            f"shape {worst.shape} vs {worst.expected_shape}"
+            if worst.shape != worst.expected_shape
+            else f"RMS {worst.rms_levels:.2f} levels vs {worst.spread_rms_levels:.2f} between transformers' backends"
+        )
+        cause = f"; likely cause: {self.cause}" if self.cause else "; no known preprocessing variant reproduces it"
+        return f"FAIL: preprocessing differs on {len(bad)}/{len(self.probes)} probe images (first: {worst.image}, {what}){cause}"
+
+    def table(self) -> str:
+        lines = [
+            f"preprocessing: candidate {self.candidate} vs {self.reference}",
+            f"  {'probe image':<26}{'shape':>16}{'RMS lvl':>10}{'max lvl':>10}{'spread rms/max':>17}  result",
+        ]
+        for p in self.probes:
+            shape = "x".join(map(str, p.shape))
+            rms = "—" if p.rms_levels is None else f"{p.rms_levels:.3f}"
+            mx = "—" if p.max_levels is None else f"{p.max_levels:.2f}"
+            lines.append(
+                f"  {p.image:<26}{shape:>16}{rms:>10}{mx:>10}{p.spread_rms_levels:>9.3f}/{p.spread_max_levels:<7.2f}"
+                f"  {'ok' if p.passed else 'FAIL'}"
+            )
+        lines.append(self.verdict)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v: Any) -> Any:
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {
+            "passed": self.passed,
+            "verdict": self.verdict,
+            "candidate": self.candidate,
+            "reference": self.reference,
+            "recipe": self.recipe,
+            "likely_cause": self.cause,
+            "ranking": self.ranking,
+            "probes": [{k: clean(v) for k, v in dataclasses.asdict(p).items()} for p in self.probes],
+        }
+
+
+def reference_processor(processor: SiglipImageProcessor) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """transformers' PIL image processor with ``processor``'s settings, and its name and version."""
+    import transformers
+
+    cls = getattr(transformers, "SiglipImageProcessorPil", None)
+    if cls is None:  # 4.57: SiglipImageProcessor is the PIL one
+        cls = transformers.SiglipImageProcessor
+    settings = processor.to_dict()
+    settings.pop("image_processor_type", None)
+    settings.pop("backend", None)
+    ref = cls(**{k: v for k, v in settings.items() if k in _HF_KEYS})
+    h, w = processor.size
+    ref.size = {"height": h, "width": w}
+
+    def run(image: Image.Image) -> torch.Tensor:
+        return ref(images=[image], return_tensors="pt")["pixel_values"][0].to(torch.float32)
+
+    return run, f"transformers {transformers.__version__} {cls.__name__}"
+
+
+_HF_KEYS = {
+    "do_resize",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+}
+
+
+def _levels(d: torch.Tensor, std: Sequence[float], scale: str = "0-1") -> torch.Tensor:
+    """A normalised difference back in uint8 levels (x · std · 255)."""
+    return d.double() * torch.tensor(std, dtype=torch.float64)[:, None, None] * 255.0
+
+
+def _rule(rms: float, mx: float, spread_rms: float, spread_max: float) -> bool:
+    return rms <= 2.0 * spread_rms + 0.25 and mx <= spread_max + 1.0
+
+
+def _measure(a: torch.Tensor, b: torch.Tensor, std: Sequence[float]) -> tuple[float, float]:
+    d = _levels(a - b, std)
+    return float(d.pow(2).mean().sqrt()), float(d.abs().max())
+
+
+def compare_processor(
+    candidate: Callable[[Image.Image], Any],
+    processor: SiglipImageProcessor,
+    *,
+    name: str = "candidate",
+    images: Sequence[tuple[str, Image.Image]] | None = None,
+) -> ProcessorReport:
+    """Judge ``candidate`` (a PIL image → pixel tensor ``[3, H, W]`` or ``[1, 3, H, W]``) against transformers'
+    processor for ``processor``'s settings on the probe images, and name the likely cause of a failure."""
+    images = list(images) if images is not None else probe_images()
+    ref_fn, ref_name = reference_processor(processor)
+    std = processor.image_std
+    recipe = _recipe_for(processor, ref_fn, images)
+    # transformers' other backend, as the installed version would run it (transparency differs by version)
+    fast = replace(processor, backend="fast", transparency=recipe.alpha)
+    refs = [ref_fn(im) for _, im in images]
+    spreads = [
+        _measure(torch.from_numpy(fast.preprocess_one(im)), ref, std) for (_, im), ref in zip(images, refs, strict=True)
+    ]
+    outs = [_call(candidate, im, name, label) for label, im in images]
+    probes = []
+    for (label, _), ref, out, (s_rms, s_max) in zip(images, refs, outs, spreads, strict=True):
+        if tuple(out.shape) != tuple(ref.shape):
+            probes.append(ProbeResult(label, list(out.shape), list(ref.shape), None, None, s_rms, s_max, False))
+            continue
+        rms, mx = _measure(out, ref, std)
+        ok = math.isfinite(rms) and _rule(rms, mx, s_rms, s_max)
+        probes.append(ProbeResult(label, list(out.shape), list(ref.shape), rms, mx, s_rms, s_max, ok))
+    report = ProcessorReport(name, ref_name, dataclasses.asdict(recipe), probes)
+    if not report.passed:
+        report.cause, report.ranking = _diagnose(recipe, images, outs, spreads, std)
+    return report
+
+
+def _recipe_for(processor: SiglipImageProcessor, ref_fn: Callable, images: Sequence[tuple[str, Image.Image]]) -> Recipe:
+    """The recipe that reproduces transformers' output on every probe (alpha handling differs by version)."""
+    names = {v: k for k, v in FILTERS.items()}
+    stats = next(
+        (
+            k
+            for k, (m, s) in MEANS_STDS.items()
+            if np.allclose(m, processor.image_mean) and np.allclose(s, processor.image_std)
+        ),
+        None,
+    )
+    if (
+        stats is None
+        or processor.resample not in names
+        or not (processor.do_resize and processor.do_rescale and processor.do_normalize)
+    ):
+        raise InputError(
+            "the reference processor's settings are outside what --candidate-processor can model "
+            f"(resample {processor.resample}, mean {processor.image_mean}, std {processor.image_std})",
+            "preprocessor_config.json",
+            "compare with a standard SigLIP preprocessor config",
+        )
+    for alpha in ("white", "drop"):
+        recipe = Recipe(size=processor.size, resample=names[processor.resample], stats=stats, alpha=alpha)
+        if all(float((render(im, recipe) - ref_fn(im)).abs().max()) <= 1e-5 for _, im in images):
+            return recipe
+    raise AssertionError("no recipe reproduces transformers' processor on the probes")  # our bug, not the user's
+
+
+def _diagnose(
+    recipe: Recipe, images: Sequence[tuple[str, Image.Image]], outs: Sequence[torch.Tensor], spreads, std
+) -> tuple[str | None, list[dict[str, Any]]]:
+    ranking, seen = [], set()
+    for variant in VARIANTS:
+        changed = variant.change(recipe)
+        if changed is None or changed in seen:  # a combined variant can equal a single one for this reference
+            continue
+        seen.add(changed)
+        worst, ok = 0.0, True
+        for (_, im), out, (s_rms, s_max) in zip(images, outs, spreads, strict=True):
+            v = render(im, changed)
+            if tuple(v.shape) != tuple(out.shape):
+                worst, ok = math.inf, False
+                break
+            rms, mx = _measure(out, v, std)
+            ok &= _rule(rms, mx, s_rms, s_max)
+            worst = max(worst, rms)
+        ranking.append(
+            {"variant": variant.name, "worst_rms_levels": worst if math.isfinite(worst) else None, "reproduces": ok}
+        )
+    ranking.sort(
+        key=lambda r: (not r["reproduces"], math.inf if r["worst_rms_levels"] is None else r["worst_rms_levels"])
+    )
+    cause = ranking[0]["variant"] if ranking and ranking[0]["reproduces"] else None
+    return cause, ranking[:5]
+
+
+def _call(candidate: Callable[[Image.Image], Any], image: Image.Image, name: str, label: str) -> torch.Tensor:
+    try:
+        out = candidate(image.copy())
+    except Exception as exc:  # user code
+        raise InputError(
+            f"candidate processor raised {type(exc).__name__}: {exc} (probe {label})", name, "fix the processor"
+        ) from None
+    if isinstance(out, dict) and "pixel_values" in out:
+        out = out["pixel_values"]
+    if isinstance(out, np.ndarray):
+        out = torch.from_numpy(out)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise InputError(
+            f"candidate processor returned {type(out).__name__}, not a floating-point tensor (probe {label})",
+            name,
+            "return pixel values [3, H, W] or [1, 3, H, W]",
+        )
+    if out.ndim == 4 and out.shape[0] == 1:
+        out = out[0]
+    if out.ndim != 3:
+        raise InputError(
+            f"candidate processor returned shape {list(out.shape)} (probe {label})",
+            name,
+            "return [3, H, W] or [1, 3, H, W]",
+        )
+    return out.detach().to("cpu", torch.float32)
+
+
+def processor_for_source(
+    weights: str | None = None, model: str | None = None, preset: str | None = None, revision: str | None = None
+) -> SiglipImageProcessor:
+    """The preprocessing the model was published with: its ``preprocessor_config.json`` when the source has
+    one (a folder, a hub repo), else SigLIP's defaults at the config's resolution (a preset, default base-224)."""
+    from siglip_scratch.config import SiglipVisionConfig, get_preset
+
+    if weights is not None:
+        folder = Path(weights) if Path(weights).is_dir() else Path(weights).parent
+        if (folder / "preprocessor_config.json").is_file():
+            return SiglipImageProcessor.from_pretrained(folder)
+        return SiglipImageProcessor.for_config(SiglipVisionConfig.from_pretrained(folder))
+    if model is not None:
+        from siglip_scratch.hub import PREPROCESSOR_NAME, hub_file
+
+        found = hub_file(model, PREPROCESSOR_NAME, revision=revision, optional=True)
+        if found is not None:
+            return SiglipImageProcessor.from_pretrained(found)
+        return SiglipImageProcessor.for_config(
+            SiglipVisionConfig.from_pretrained(hub_file(model, "config.json", revision=revision))
+        )
+    return SiglipImageProcessor.for_config(get_preset(preset or "google/siglip-base-patch16-224"))
+
+
+def load_processor_callable(spec: str) -> Callable[[Image.Image], Any]:
+    """``module.path:fn`` or ``file.py:fn``: a function from a PIL image to pixel values."""
+    return load_candidate_factory(spec, "--candidate-processor", "function")
