@@ -582,15 +582,23 @@ class Report:
         a0, a1 = rows[0]["accumulated"], rows[-1]["accumulated"]
         growth = f"×{a1 / a0:.3g}" if a0 else "from 0"
         span = f"{rows[0]['site'].rsplit('.', 1)[-1]}→{rows[-1]['site'].rsplit('.', 1)[-1]}"
-        if first_local is not None:
+        i_local = rows.index(first_local) if first_local is not None else len(rows)
+        i_acc = rows.index(first_acc) if first_acc is not None else len(rows)
+        if first_local is not None and i_local <= i_acc:
             return (
                 f"amplification: a local error at {first_local['site']} (isolated ×{first_local['local_ratio']:.3g}); "
                 f"accumulated error over layers {span} grows {growth}"
             )
         if first_acc is not None:
+            if first_local is None:
+                return (
+                    f"amplification: every layer passes alone, but the accumulated error grows {growth} over layers "
+                    f"{span} and exceeds its bound first at {first_acc['site']}: drift, not one local bug"
+                )
             return (
-                f"amplification: every layer passes alone, but the accumulated error grows {growth} over layers "
-                f"{span} and exceeds its bound first at {first_acc['site']}: drift, not one local bug"
+                f"amplification: the accumulated error exceeds its bound first at {first_acc['site']} while every "
+                f"layer up to there passes alone (it grows {growth} over layers {span}): drift; layers also exceed "
+                f"the bound alone from {first_local['site']} on (×{first_local['local_ratio']:.3g})"
             )
         return f"amplification: accumulated error over layers {span} grows {growth}, within bounds throughout"
 
@@ -635,6 +643,17 @@ class Report:
             r[1] = f"`{r[1]}`"
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
         out += ["", *(f"- {e}" for e in self._extras())] if self._extras() else []
+        if self.amplification:
+            out += [
+                "",
+                "Amplification (per layer: its own error, isolated, beside the error carried to it, propagated):",
+                "",
+            ]
+            out += ["| layer | local ×ref | accumulated ×ref |", "|---|---|---|"]
+            for r in self.amplification:
+                local = f"{_g(r['local_ratio'])}{'' if r['local_passed'] else ' ✗'}"
+                acc = f"{_g(r['accumulated_ratio'])}{'' if r['accumulated_passed'] else ' ✗'}"
+                out.append(f"| {r['site'].rsplit('.', 1)[-1]} | {local} | {acc} |")
         return "\n".join(out) + "\n"
 
     def plot(self, path: str | Path) -> None:
@@ -644,6 +663,7 @@ class Report:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            import matplotlib.ticker
         except ImportError:
             raise InputError(
                 "--plot needs matplotlib, which is not installed", "--plot", 'pip install "siglip-scratch[plot]"'
@@ -651,7 +671,32 @@ class Report:
         names = [s.name.replace("vision_model.", "").replace("encoder.layers.", "L") for s in self.sites]
         oracle = "rule" in self.tolerance
         floor = 1e-18
-        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
+        amp = [r for r in self.amplification if r["local_ratio"] is not None and r["accumulated_ratio"] is not None]
+        if amp:  # a second panel: local vs accumulated error per layer (a jump at one layer vs drift)
+            fig, (ax, ax_amp) = plt.subplots(
+                2, 1, figsize=(max(6, 0.25 * len(names)), 6.5), gridspec_kw={"height_ratios": [3, 2]}
+            )
+            layers = [int(r["site"].rsplit(".", 1)[-1]) for r in amp]
+            ax_amp.plot(
+                layers, [_plot_value(r["local_ratio"], floor) for r in amp], "o-", ms=3, label="local (isolated)"
+            )
+            ax_amp.plot(
+                layers,
+                [_plot_value(r["accumulated_ratio"], floor) for r in amp],
+                "^-",
+                ms=3,
+                label="accumulated (propagated)",
+            )
+            ax_amp.axhline(2.0, linestyle="--", linewidth=0.8, color="gray", label="rule: ×2 (+ a roundoff floor)")
+            ax_amp.set_yscale("log")
+            ax_amp.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax_amp.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+            ax_amp.set_xlabel("layer")
+            ax_amp.set_ylabel("× transformers' own error")
+            ax_amp.set_title("\n".join(textwrap.wrap(self.amplification_line() or "amplification", 95)), fontsize=7)
+            ax_amp.legend(fontsize=6)
+        else:
+            fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
         x = range(len(names))
         series = [("isolated" if self.propagated_sites is not None else self.mode, self.sites, "o")]
         if self.propagated_sites is not None:
@@ -670,7 +715,7 @@ class Report:
         ax.set_yscale("log")
         ax.set_xticks(list(x), names, rotation=90, fontsize=6)
         ax.set_ylabel("RMS error vs float64 oracle / RMS" if oracle else "max |Δ|")
-        ax.set_title("\n".join(textwrap.wrap(self.verdict, 110)), fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(self.verdict, 95)), fontsize=7)
         ax.legend(fontsize=6)
         fig.tight_layout()
         try:

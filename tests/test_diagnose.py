@@ -183,3 +183,35 @@ def test_bf16_profiles_honest_flat_and_a_planted_bug_jumps_at_its_layer(small_we
     assert max(range(len(local)), key=local.__getitem__) == 2, local
     assert local[2] > 10 * statistics.median(local), local  # measured: ×51 against ×1.0 elsewhere
     assert bug.amplification_line().startswith("amplification: a local error at vision_model.encoder.layers.2 ")
+
+
+def test_drift_reads_as_drift_not_a_local_bug(hf, tmp_path):
+    """Every layer shrinks its output by 0.75 of a bfloat16 step (1 - 0.75·2⁻⁸): alone each layer stays
+    within 2× transformers' own error (measured ×1.36–1.84 over 16 layers), but the bias compounds: the propagated
+    error crosses its bound at layer 9 (×2.14) and reaches ×3.0. The amplification line must call that drift."""
+    from siglip_scratch.config import SiglipVisionConfig
+    from siglip_scratch.modeling import synthetic_state_dict
+    from siglip_scratch.parity import Weights
+
+    deep = SiglipVisionConfig(
+        hidden_size=96, intermediate_size=256, num_hidden_layers=16, num_attention_heads=4, image_size=64, patch_size=16
+    )
+    w = Weights(deep, {k: v.bfloat16() for k, v in synthetic_state_dict(deep, seed=0).items()}, "deep bf16", True)
+    model = SiglipVisionModel.from_state_dict(deep, w.state_dict)
+    for layer in model.vision_model.encoder.layers:
+        layer.forward = lambda *a, _f=layer.forward, **k: _f(*a, **k) * (1 - 0.75 * 2**-8)
+    report = compare(weights=w, candidate=model, dtype="bfloat16", mode="both", depth="coarse")
+    rows = report.amplification
+    profile = [(round(r["local_ratio"], 2), round(r["accumulated_ratio"], 2)) for r in rows]
+    assert not report.passed, profile
+    assert all(r["local_passed"] for r in rows) and not rows[-1]["accumulated_passed"], profile
+    line = report.amplification_line()
+    assert line.startswith("amplification: every layer passes alone, but the accumulated error grows"), line
+    assert line.endswith("drift, not one local bug") and line in report.table(), line
+    md = report.to_markdown()
+    assert "| layer | local ×ref | accumulated ×ref |" in md and line in md, md
+    assert json.loads(report.to_json())["amplification"][-1]["accumulated_passed"] is False
+    import matplotlib  # noqa: F401  (in [dev] and the 4.57 venv)
+
+    report.plot(tmp_path / "drift.png")  # the second panel: local vs accumulated per layer
+    assert (tmp_path / "drift.png").stat().st_size > 10_000
