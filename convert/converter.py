@@ -219,6 +219,7 @@ def _record(source, plan: Plan, inputs, files: list[WrittenFile], dtype, no_head
         },
         "options": {"dtype": dtype, "no_head": no_head, "max_shard_size": shard_limit},
         "notes": plan.notes,
+        "preprocessor": plan.preprocessor_from,
         "tensors": len(plan.tensors),
         "dropped_tensors": plan.dropped,
         "inputs": inputs,

@@ -27,7 +27,7 @@ from siglip_scratch.checkpoint import (
     check_state_shapes,
     folder_safetensors,
 )
-from siglip_scratch.config import PRESETS, SUPPORTED_ACTIVATIONS, SiglipVisionConfig
+from siglip_scratch.config import PRESETS, SUPPORTED_ACTIVATIONS, SiglipVisionConfig, siglip_generation
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
 from siglip_scratch.files import is_sha256, read_json
 from siglip_scratch.hub import RangedRead
@@ -240,7 +240,7 @@ def _plan(
     order = {key: i for i, key in enumerate(expected_shapes(config))}
     planned.sort(key=lambda p: order[p.key])
 
-    preprocessor, pre_from = _preprocessor(folder, kind, config, source, inputs)
+    preprocessor, pre_from = _preprocessor(folder, kind, config, inputs)
     if override is not None:
         notes.append(f"config from --config {config_file}")
     elif inferred is not None:
@@ -631,7 +631,7 @@ def _folder_config(
 
 
 def _preprocessor(
-    folder: Path, kind: str, config: SiglipVisionConfig, source: str, inputs: list[InputFile]
+    folder: Path, kind: str, config: SiglipVisionConfig, inputs: list[InputFile]
 ) -> tuple[dict[str, Any], str]:
     file = folder / "preprocessor_config.json"
     if kind in ("hf-folder", "hub") and file.is_file():
@@ -639,6 +639,32 @@ def _preprocessor(
         SiglipImageProcessor.from_dict(data, source=str(file))  # validate before copying
         inputs.append(InputFile(file, _hub_blob_sha256(file)))
         return data, f"copied from {file}"
-    siglip2 = "siglip2" in source.lower()
-    proc = SiglipImageProcessor.for_config(config, resample=BILINEAR if siglip2 else BICUBIC)
-    return proc.to_dict(), "generated (" + ("bilinear, SigLIP 2" if siglip2 else "bicubic, SigLIP") + ")"
+    resample, why = _resample_from_config(folder)
+    proc = SiglipImageProcessor.for_config(config, resample=resample)
+    return proc.to_dict(), f"generated ({why})"
+
+
+def _resample_from_config(folder: Path) -> tuple[int, str]:
+    """The resize filter the checkpoint was trained with, read from the config beside it (never from a
+    path): a timm config's ``pretrained_cfg.interpolation``, an open_clip config's
+    ``preprocess_cfg.interpolation``, or an HF config.json (SigLIP 2 by its text vocabulary or hub id:
+    bilinear; SigLIP: bicubic). Without one, SigLIP's bicubic, and the reason says so."""
+    for name, section in (("config.json", "pretrained_cfg"), ("open_clip_config.json", "preprocess_cfg")):
+        file = folder / name
+        if not file.is_file():
+            continue
+        data = read_json(file, what=name, error=InputError, fix=f"fix or replace {name}")
+        if not isinstance(data, dict):
+            continue
+        stated = data.get(section).get("interpolation") if isinstance(data.get(section), dict) else None
+        if stated in ("bilinear", "bicubic"):
+            return (BILINEAR if stated == "bilinear" else BICUBIC), f"{stated}, from {name}: {section}.interpolation"
+        generation = siglip_generation(data)
+        if generation == "siglip2":
+            return BILINEAR, "bilinear: SigLIP 2 by its config.json"
+        if generation == "siglip":
+            return BICUBIC, "bicubic: SigLIP by its config.json"
+    return (
+        BICUBIC,
+        "bicubic, SigLIP's: the config does not say which generation this is (set resample to 2 for SigLIP 2)",
+    )

@@ -265,3 +265,48 @@ def test_hub_paligemma_reads_only_the_vision_bytes(tmp_path, hf):
     want = _reference_outputs(model, x)
     for out in ("ranged", "full"):
         _assert_same_tower(SiglipVisionModel.from_pretrained(tmp_path / out), want, x, f"PaliGemma via hub ({out})")
+
+
+@pytest.mark.parametrize(
+    ("vocab", "resample", "why"), [(256000, 2, "SigLIP 2 by its config.json"), (32000, 3, "SigLIP by its config.json")]
+)
+def test_siglip2_fixed_resolution_is_told_by_its_config_not_its_path(tmp_path, vocab, resample, why):
+    """SigLIP 2 fixed-resolution checkpoints are transformers SiglipModels whose text tower uses Gemma's
+    256000-token vocabulary; they resize bilinear. Saved by transformers without a preprocessor config, in
+    a folder whose name says "siglip2" either way: the converter goes by the config."""
+    T = require_transformers()
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab)
+    model = T.SiglipModel(T.SiglipConfig(vision_config=VISION, text_config=text)).eval()
+    src = tmp_path / "siglip2-base-patch16-224-copy"
+    model.save_pretrained(src)
+    assert convert_main([str(src), str(tmp_path / "out")]) == 0
+    pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert pre["resample"] == resample, pre
+    assert why in json.dumps(record), record
+    ours = SiglipVisionModel.from_pretrained(tmp_path / "out").eval()
+    x = torch.randn(2, 3, VISION["image_size"], VISION["image_size"])
+    with torch.inference_mode():
+        assert_exact(ours(x).last_hidden_state, model.vision_model(x).last_hidden_state, "SigLIP 2 fixed-res tower")
+
+
+def test_siglip2_presets_resize_bilinear_and_siglip_bicubic():
+    from siglip_scratch import SiglipImageProcessor
+    from siglip_scratch.config import SIGLIP2_PRESETS, get_preset, siglip_generation
+
+    assert len(SIGLIP2_PRESETS) == 14
+    giant = get_preset("google/siglip2-giant-opt-patch16-384")
+    assert (giant.hidden_size, giant.intermediate_size, giant.num_hidden_layers, giant.image_size) == (
+        1536,
+        6144,
+        40,
+        384,
+    )
+    assert SiglipImageProcessor.for_preset("google/siglip2-so400m-patch14-384").resample == 2
+    assert SiglipImageProcessor.for_preset("google/siglip-so400m-patch14-384").resample == 3
+    assert siglip_generation({"_name_or_path": "google/siglip2-base-patch16-224"}) == "siglip2"
+    assert (
+        siglip_generation({"model_type": "siglip_vision_model", **VISION}) is None
+    )  # a vision-only config cannot tell
+    assert siglip_generation({"model_type": "siglip2"}) == "siglip2-naflex"

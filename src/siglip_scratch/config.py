@@ -23,7 +23,15 @@ from typing import Any
 from .errors import ConfigError
 from .files import read_json
 
-__all__ = ["PRESETS", "SUPPORTED_ACTIVATIONS", "TINY_CONFIG", "SiglipVisionConfig", "get_preset"]
+__all__ = [
+    "PRESETS",
+    "SIGLIP2_PRESETS",
+    "SUPPORTED_ACTIVATIONS",
+    "TINY_CONFIG",
+    "SiglipVisionConfig",
+    "get_preset",
+    "siglip_generation",
+]
 
 # hidden_act values we implement, and what transformers maps them to.
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
@@ -220,6 +228,50 @@ PRESETS: dict[str, SiglipVisionConfig] = {
     "google/paligemma-3b-pt-448": _base(448, patch_size=14, vision_use_head=False, **_SO400M),
     "google/paligemma-3b-pt-896": _base(896, patch_size=14, vision_use_head=False, **_SO400M),
 }
+
+# SigLIP 2, fixed resolution: the SigLIP architecture (model_type "siglip", a conv patch embedding and a
+# fixed position table), so it runs on this encoder. What differs is the training and the preprocessing:
+# these checkpoints resize bilinear, not bicubic (their preprocessor_config.json says resample 2).
+_GIANT_OPT = dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=40, num_attention_heads=16)
+SIGLIP2_PRESETS: dict[str, SiglipVisionConfig] = {
+    **{f"google/siglip2-base-patch16-{s}": _base(s) for s in (224, 256, 384, 512)},
+    **{f"google/siglip2-large-patch16-{s}": _base(s, **_LARGE) for s in (256, 384, 512)},
+    **{f"google/siglip2-so400m-patch14-{s}": _base(s, patch_size=14, **_SO400M) for s in (224, 384)},
+    **{f"google/siglip2-so400m-patch16-{s}": _base(s, patch_size=16, **_SO400M) for s in (256, 384, 512)},
+    **{f"google/siglip2-giant-opt-patch16-{s}": _base(s, patch_size=16, **_GIANT_OPT) for s in (256, 384)},
+}
+PRESETS.update(SIGLIP2_PRESETS)
+
+# The text tower's vocabulary tells the generations apart when a config.json has one: SigLIP 2 uses
+# Gemma's tokenizer (256000), SigLIP English 32000 and multilingual/i18n 250000.
+SIGLIP2_VOCAB_SIZE = 256000
+
+
+def siglip_generation(data: Any) -> str | None:
+    """``"siglip2"``, ``"siglip2-naflex"``, ``"siglip"`` or None (cannot tell) for a config.json dict.
+
+    From the config, never from a path: the model type (NaFlex), the text vocabulary (SigLIP 2 uses Gemma's
+    256000 tokens), or a known hub id in ``_name_or_path`` (4.x writes it). A vision-only config with none
+    of these is None: the two fixed-resolution generations have identical vision configs.
+    """
+    if not isinstance(data, dict):
+        return None
+    vision = data.get("vision_config") if isinstance(data.get("vision_config"), dict) else {}
+    if (
+        data.get("model_type") in ("siglip2", "siglip2_vision_model")
+        or vision.get("model_type") == "siglip2_vision_model"
+    ):
+        return "siglip2-naflex"
+    text = data.get("text_config")
+    if isinstance(text, dict) and isinstance(text.get("vocab_size"), int):
+        return "siglip2" if text["vocab_size"] == SIGLIP2_VOCAB_SIZE else "siglip"
+    name = data.get("_name_or_path")
+    if isinstance(name, str):
+        if name in SIGLIP2_PRESETS:
+            return "siglip2"
+        if name in PRESETS:
+            return "siglip"
+    return None
 
 
 # Structure-true but tiny (2 layers, 4 heads, a 4x4 grid): what tests and smoke runs build in

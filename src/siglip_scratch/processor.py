@@ -141,6 +141,14 @@ class SiglipImageProcessor:
         return cls(size=(config.image_size, config.image_size), **overrides)
 
     @classmethod
+    def for_preset(cls, hub_id: str, **overrides: Any) -> SiglipImageProcessor:
+        """What the hub checkpoint ships: SigLIP's bicubic, or SigLIP 2's bilinear, at its resolution."""
+        from .config import SIGLIP2_PRESETS, get_preset
+
+        resample = BILINEAR if hub_id in SIGLIP2_PRESETS else BICUBIC
+        return cls.for_config(get_preset(hub_id), **{"resample": resample, **overrides})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessor_config") -> SiglipImageProcessor:
         """Read a ``preprocessor_config.json`` dict; keys that are not preprocessing steps are ignored."""
         if not isinstance(data, dict):
