@@ -257,7 +257,12 @@ def compare(
             f"load them with resolve_weights(..., dtype={name!r}) or pass dtype to match",
         )
     if pixel_values is None:
-        pixel_values = make_pixels(config, images=images, batch=batch, seed=seed)
+        processor = None
+        if images and not isinstance(weights, Weights):  # the model's own preprocessing (SigLIP 2: bilinear)
+            from .preprocess import processor_for_source
+
+            processor = processor_for_source(weights, model, preset, revision, config=config)
+        pixel_values = make_pixels(config, images=images, batch=batch, seed=seed, processor=processor)
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
         raise InputError("pixel_values must be a floating-point tensor", "pixel_values", None)
     if not torch.isfinite(pixel_values).all():

@@ -431,17 +431,22 @@ def _call(candidate: Callable[[Image.Image], Any], image: Image.Image, name: str
 
 
 def processor_for_source(
-    weights: str | None = None, model: str | None = None, preset: str | None = None, revision: str | None = None
+    weights: str | None = None,
+    model: str | None = None,
+    preset: str | None = None,
+    revision: str | None = None,
+    config: Any = None,
 ) -> SiglipImageProcessor:
     """The preprocessing the model was published with: its ``preprocessor_config.json`` when the source has
-    one (a folder, a hub repo), else SigLIP's defaults at the config's resolution (a preset, default base-224)."""
-    from siglip_scratch.config import SiglipVisionConfig, get_preset
+    one (a folder, a hub repo), else the defaults of its generation at the config's resolution (a preset:
+    SigLIP bicubic, SigLIP 2 bilinear; default base-224). ``config``: the vision config if already known."""
+    from siglip_scratch.config import SiglipVisionConfig
 
     if weights is not None:
         folder = Path(weights) if Path(weights).is_dir() else Path(weights).parent
         if (folder / "preprocessor_config.json").is_file():
             return SiglipImageProcessor.from_pretrained(folder)
-        return SiglipImageProcessor.for_config(SiglipVisionConfig.from_pretrained(folder))
+        return SiglipImageProcessor.for_config(config or SiglipVisionConfig.from_pretrained(folder))
     if model is not None:
         from siglip_scratch.hub import PREPROCESSOR_NAME, hub_file
 
@@ -449,9 +454,9 @@ def processor_for_source(
         if found is not None:
             return SiglipImageProcessor.from_pretrained(found)
         return SiglipImageProcessor.for_config(
-            SiglipVisionConfig.from_pretrained(hub_file(model, "config.json", revision=revision))
+            config or SiglipVisionConfig.from_pretrained(hub_file(model, "config.json", revision=revision))
         )
-    return SiglipImageProcessor.for_config(get_preset(preset or "google/siglip-base-patch16-224"))
+    return SiglipImageProcessor.for_preset(preset or "google/siglip-base-patch16-224")
 
 
 def load_processor_callable(spec: str) -> Callable[[Image.Image], Any]:
