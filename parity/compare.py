@@ -191,6 +191,7 @@ def compare(
     allow_unloaded: Sequence[str] = (),
     skip_sites: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    processor: SiglipImageProcessor | None = None,
 ) -> Report:
     """Compare a candidate with ``transformers.SiglipVisionModel`` site by site.
 
@@ -215,6 +216,7 @@ def compare(
         skip_sites: regexes (full match) of canonical sites that do not apply to the candidate: they are
             reported ``skipped`` (not compared, never counted as passing; the verdict says how many).
         progress: called with a line as each phase starts (weights, reference and oracle, candidate).
+        processor: turns ``images`` into pixels (default: the weights source's own preprocessing).
     Returns:
         The `Report`; ``report.passed`` is the verdict.
     """
@@ -257,8 +259,9 @@ def compare(
             f"load them with resolve_weights(..., dtype={name!r}) or pass dtype to match",
         )
     if pixel_values is None:
-        processor = None
-        if images and not isinstance(weights, Weights):  # the model's own preprocessing (SigLIP 2: bilinear)
+        if (
+            images and processor is None and not isinstance(weights, Weights)
+        ):  # the model's own preprocessing (SigLIP 2: bilinear)
             from .preprocess import processor_for_source
 
             processor = processor_for_source(weights, model, preset, revision, config=config)
@@ -401,6 +404,7 @@ def compare(
         inputs={
             "batch": int(pixel_values.shape[0]),
             "images": [str(p) for p in images] if images else [],
+            "processor": (processor or SiglipImageProcessor.for_config(config)).to_dict() if images else None,
             "seed": seed,
             "height": int(pixel_values.shape[2]),
             "width": int(pixel_values.shape[3]),

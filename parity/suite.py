@@ -26,9 +26,10 @@ from siglip_scratch.cli_common import run
 from siglip_scratch.errors import OutputError, SourceError
 
 from .compare import Weights, compare, resolve_weights
-from .golden import run_golden
+from .golden import GOLDEN_CASES, run_golden
+from .preprocess import processor_for_source
 
-PRESETS = ("google/siglip-base-patch16-224", "google/siglip-so400m-patch14-384")
+PRESETS = ("google/siglip-base-patch16-224", "google/siglip-so400m-patch14-384", "google/siglip2-base-patch16-224")
 # preset -> runs of (dtype, attn, mode, depth, use generated images); "both" = isolated and
 # propagated in one run. so400m-384 costs ~50 s a run on 2 cores (two float64 oracle passes), so it
 # gets the one float32 run and base-224 covers the other dtypes, depths and inputs.
@@ -41,6 +42,8 @@ RUNS = {
         ("float16", "sdpa", "both", "fine", False),
     ),
     "google/siglip-so400m-patch14-384": (("float32", "sdpa", "both", "fine", False),),
+    # SigLIP 2 fixed resolution: the same architecture; the run feeds images through its bilinear processor.
+    "google/siglip2-base-patch16-224": (("float32", "sdpa", "both", "coarse", True),),
 }
 DEFAULT_RUNS = RUNS["google/siglip-base-patch16-224"]
 
@@ -105,7 +108,9 @@ def _row(cells: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m siglip_scratch.parity.suite", description=__doc__)
-    p.add_argument("--presets", nargs="+", default=list(PRESETS), help="hub ids to run (default: both presets)")
+    p.add_argument(
+        "--presets", nargs="+", default=list(PRESETS), help=f"hub ids to run (default: {', '.join(PRESETS)})"
+    )
     p.add_argument("--batch", type=int, default=1, help="random images per comparison (default 1)")
     p.add_argument(
         "--out",
@@ -192,6 +197,11 @@ def _main(args: argparse.Namespace) -> int:
                         attn=attn,
                         images=images if use_images else None,
                         batch=args.batch,
+                        processor=(
+                            processor_for_source(**({"preset": preset} if weights.synthetic else {"model": preset}))
+                            if use_images
+                            else None
+                        ),
                     )
                     failed |= not report.passed
                     reports.append((preset, report))
@@ -216,7 +226,8 @@ def _main(args: argparse.Namespace) -> int:
                     if not report.passed:
                         print(report.table(), flush=True)
                 del weights
-        golden_ok = run_golden([p for p in args.presets if p in PRESETS], update=False)
+        golden = [p for p in args.presets if p in GOLDEN_CASES]
+        golden_ok = run_golden(golden, update=False) if golden else True
     ok = not failed and golden_ok
     total = time.perf_counter() - t_start
     _write_reports(out_dir, reports, ok)
@@ -224,17 +235,23 @@ def _main(args: argparse.Namespace) -> int:
 
     print(
         f"\n{'PASS' if ok else 'FAIL'}: {n_rows} comparisons ({'all pass' if not failed else 'some FAIL'}), "
-        f"golden fingerprints {'hold' if golden_ok else 'MOVED'}, {total:.0f}s"
+        + (f"golden fingerprints {'hold' if golden_ok else 'MOVED'}, " if golden else "")
+        + f"{total:.0f}s"
     )
     for preset, kind in kinds.items():
         print(f"  {preset}: {kind} weights")
     print(
-        f"  reference transformers {transformers_version()}, torch {torch.__version__}; dtypes float32, bfloat16, float16; "
-        "modes isolated + propagated; 'worst ×ref' = the candidate's error against the float64 oracle "
-        "over transformers' own, worst site"
+        f"  reference transformers {transformers_version()}, torch {torch.__version__}; "
+        f"dtypes {', '.join(dict.fromkeys(r.dtype for _, r in reports))}; "
+        f"modes {' + '.join(dict.fromkeys(m for _, r in reports for m in _modes(r.mode)))}; "
+        "'worst ×ref' = the candidate's error against the float64 oracle over transformers' own, worst site"
     )
     print(f"  reports: {out_dir / 'suite.json'} (every comparison in full), {out_dir / 'suite.md'}")
     return 0 if ok else 1
+
+
+def _modes(mode: str) -> tuple[str, ...]:
+    return ("isolated", "propagated") if mode == "both" else (mode,)
 
 
 def _write_reports(out_dir: Path, reports: list[tuple[str, Any]], ok: bool) -> None:
