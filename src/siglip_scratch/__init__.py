@@ -4,7 +4,7 @@ The core (this package) needs only torch, safetensors, huggingface_hub, pillow a
 `siglip_scratch.parity` additionally needs transformers for its reference.
 """
 
-from .config import PRESETS, SiglipVisionConfig, get_preset
+from .config import PRESETS, Siglip2VisionConfig, SiglipVisionConfig, get_preset, load_config
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -14,8 +14,8 @@ from .errors import (
     SourceError,
 )
 from .model import SiglipVisionModelOutput
-from .modeling import SiglipVisionModel, synthetic_state_dict
-from .processor import SiglipImageProcessor
+from .modeling import Siglip2VisionModel, SiglipVisionModel, synthetic_state_dict
+from .processor import Siglip2ImageProcessor, SiglipImageProcessor
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,9 @@ __all__ = [
     "ConfigError",
     "InputError",
     "OutputError",
+    "Siglip2ImageProcessor",
+    "Siglip2VisionConfig",
+    "Siglip2VisionModel",
     "SiglipImageProcessor",
     "SiglipScratchError",
     "SiglipVisionConfig",
@@ -33,5 +36,6 @@ __all__ = [
     "SourceError",
     "__version__",
     "get_preset",
+    "load_config",
     "synthetic_state_dict",
 ]

@@ -28,8 +28,11 @@ __all__ = [
     "SIGLIP2_PRESETS",
     "SUPPORTED_ACTIVATIONS",
     "TINY_CONFIG",
+    "AnyVisionConfig",
+    "Siglip2VisionConfig",
     "SiglipVisionConfig",
     "get_preset",
+    "load_config",
     "siglip_generation",
 ]
 
@@ -46,6 +49,43 @@ _INT_FIELDS = (
     "patch_size",
 )
 _FLOAT_FIELDS = ("layer_norm_eps", "attention_dropout")
+
+
+def _validate(cfg: Any, int_fields: tuple[str, ...]) -> None:
+    """The checks both configs share; floats are normalised to float in place (frozen dataclasses)."""
+    for name in int_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field {name} must be an integer, got {value!r}", name, "fix the config value")
+        if value < 1:
+            raise ConfigError(f"config field {name} must be >= 1, got {value}", name, "fix the config value")
+    for name in _FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field {name} must be a number, got {value!r}", name, "fix the config value")
+        object.__setattr__(cfg, name, float(value))
+    if not isinstance(cfg.vision_use_head, bool):
+        raise ConfigError(
+            f"config field vision_use_head must be true or false, got {cfg.vision_use_head!r}",
+            "vision_use_head",
+            "fix the config value",
+        )
+    if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(
+            f"unsupported hidden_act {cfg.hidden_act!r}", "hidden_act", f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(
+            f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}",
+            "hidden_size/num_attention_heads",
+            "pick a head count that divides the hidden size",
+        )
+    if not (0.0 <= cfg.attention_dropout < 1.0):
+        raise ConfigError(
+            f"attention_dropout must be in [0, 1), got {cfg.attention_dropout}", "attention_dropout", None
+        )
+    if not (cfg.layer_norm_eps > 0.0 and math.isfinite(cfg.layer_norm_eps)):
+        raise ConfigError(f"layer_norm_eps must be > 0, got {cfg.layer_norm_eps}", "layer_norm_eps", None)
 
 
 # VLMs whose SigLIP-shaped tower has no MAP head in transformers (the tower class defines none).
@@ -69,49 +109,13 @@ class SiglipVisionConfig:
     vision_use_head: bool = True
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(
-                    f"config field {name} must be an integer, got {value!r}", name, "fix the config value"
-                )
-            if value < 1:
-                raise ConfigError(f"config field {name} must be >= 1, got {value}", name, "fix the config value")
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"config field {name} must be a number, got {value!r}", name, "fix the config value")
-            object.__setattr__(self, name, float(value))
-        if not isinstance(self.vision_use_head, bool):
-            raise ConfigError(
-                f"config field vision_use_head must be true or false, got {self.vision_use_head!r}",
-                "vision_use_head",
-                "fix the config value",
-            )
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(
-                f"unsupported hidden_act {self.hidden_act!r}",
-                "hidden_act",
-                f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}",
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
-                "hidden_size/num_attention_heads",
-                "pick a head count that divides the hidden size",
-            )
+        _validate(self, _INT_FIELDS)
         if self.image_size < self.patch_size:
             raise ConfigError(
                 f"image_size {self.image_size} is smaller than patch_size {self.patch_size}",
                 "image_size/patch_size",
                 "the image must hold at least one patch",
             )
-        if not (0.0 <= self.attention_dropout < 1.0):
-            raise ConfigError(
-                f"attention_dropout must be in [0, 1), got {self.attention_dropout}", "attention_dropout", None
-            )
-        if not (self.layer_norm_eps > 0.0 and math.isfinite(self.layer_norm_eps)):
-            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}", "layer_norm_eps", None)
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -147,9 +151,9 @@ class SiglipVisionConfig:
         if model_type in ("siglip2", "siglip2_vision_model") or vision_type == "siglip2_vision_model":
             raise ConfigError(
                 f"this is SigLIP 2 NaFlex (model_type {model_type}): a linear patch embedding over flattened "
-                "patches and a position grid resized per image, which this encoder does not implement yet",
+                "patches and a position grid resized per image, not the fixed-resolution tower",
                 source,
-                "use a fixed-resolution SigLIP/SigLIP 2 checkpoint (model_type siglip)",
+                "load it with Siglip2VisionModel / Siglip2VisionConfig (or load_config, which picks the class)",
             )
         if model_type == "siglip_text_model":
             raise ConfigError("this is a SigLIP text-tower config, not a vision config", source, None)
@@ -203,6 +207,110 @@ class SiglipVisionConfig:
         file = Path(folder) / "config.json"
         file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return file
+
+
+@dataclass(frozen=True)
+class Siglip2VisionConfig:
+    """The SigLIP 2 NaFlex vision tower's shape (``transformers.Siglip2VisionConfig``'s names and defaults).
+
+    ``num_patches`` is the size of the learned position table (a square grid, 256 = 16x16); each image's
+    grid of patches (``spatial_shapes``) gets that table resized to it. There is no ``image_size``: the
+    processor picks each image's size to fit ``max_num_patches``.
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    vision_use_head: bool = True
+    num_patches: int = 256
+
+    def __post_init__(self) -> None:
+        _validate(self, (*(f for f in _INT_FIELDS if f != "image_size"), "num_patches"))
+        side = math.isqrt(self.num_patches)
+        if side * side != self.num_patches:
+            raise ConfigError(
+                f"num_patches {self.num_patches} is not a square (the position table is a square grid)",
+                "num_patches",
+                "use 256, 576, 1024, …",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_grid(self) -> int:
+        """Side of the learned position table."""
+        return math.isqrt(self.num_patches)
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch (``num_channels * patch_size**2``): the patch embedding's input."""
+        return self.num_channels * self.patch_size**2
+
+    def replace(self, **changes: Any) -> Siglip2VisionConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Siglip2VisionConfig:
+        """Read a ``Siglip2VisionConfig`` (flat) or a ``Siglip2Config`` (its ``vision_config``)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}", source, None)
+        if siglip_generation(data) != "siglip2-naflex":
+            raise ConfigError(
+                f"this is not a SigLIP 2 NaFlex config (model_type {data.get('model_type')!r})",
+                source,
+                "load fixed-resolution SigLIP / SigLIP 2 with SiglipVisionModel (or load_config, which picks the class)",
+            )
+        vision, where = data, source
+        if isinstance(data.get("vision_config"), dict):
+            vision, where = data["vision_config"], f"{source}: vision_config"
+        values = {f.name: vision[f.name] for f in fields(cls) if f.name in vision}
+        if isinstance(values.get("patch_size"), (list, tuple)):
+            ps = values["patch_size"]
+            if len(ps) != 2 or ps[0] != ps[1]:
+                raise ConfigError(f"patch_size {ps!r} is not square", f"{where}: patch_size", None)
+            values["patch_size"] = ps[0]
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(exc.what, f"{where}: {exc.where}", exc.fix) from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Siglip2VisionConfig:
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        data = read_json(
+            file, what="config.json", error=ConfigError, missing_fix="pass a model folder or a config JSON file"
+        )
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A complete ``config.json`` for a ``Siglip2VisionModel`` (transformers 4.57 and 5.x read it)."""
+        out: dict[str, Any] = {"architectures": ["Siglip2VisionModel"], "model_type": "siglip2_vision_model"}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        file = Path(folder) / "config.json"
+        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return file
+
+
+AnyVisionConfig = SiglipVisionConfig | Siglip2VisionConfig
+
+
+def load_config(data: dict[str, Any], *, source: str = "config") -> AnyVisionConfig:
+    """The right config class for a config.json dict: SigLIP 2 NaFlex, or the fixed-resolution tower."""
+    if siglip_generation(data) == "siglip2-naflex":
+        return Siglip2VisionConfig.from_dict(data, source=source)
+    return SiglipVisionConfig.from_dict(data, source=source)
 
 
 def _base(image_size: int, **kw: Any) -> SiglipVisionConfig:

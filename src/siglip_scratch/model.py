@@ -95,7 +95,9 @@ class SiglipAttention(nn.Module):
         self.q_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` (SigLIP 2 NaFlex): [B, 1, N, N], boolean (True = attend) for sdpa or additive
+        (0 / dtype min) for either; None for fixed-resolution SigLIP, which has no padding."""
         B, N, D = hidden_states.shape
         heads = (B, N, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(heads).transpose(1, 2)  # [B, heads, N, head_dim]
@@ -103,9 +105,11 @@ class SiglipAttention(nn.Module):
         v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         if self.attn_implementation == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=self.scale)
         else:
             weights = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            if attention_mask is not None:
+                weights = weights + attention_mask
             weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
             weights = F.dropout(weights, p=dropout, training=self.training)
             out = torch.matmul(weights, v)
@@ -133,8 +137,8 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -146,11 +150,14 @@ class SiglipEncoder(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, output_hidden_states: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_hidden_states: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask)
             if states is not None:
                 states.append(hidden_states)
         return hidden_states, (tuple(states) if states is not None else None)
@@ -173,9 +180,10 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         self.layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` (SigLIP 2 NaFlex): additive [B·heads, 1, N] over the patches, or None."""
         B = hidden_states.shape[0]
-        pooled = self.attention(self.probe.repeat(B, 1, 1), hidden_states)
+        pooled = self.attention(self.probe.repeat(B, 1, 1), hidden_states, attention_mask)
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 
@@ -195,7 +203,7 @@ class _PoolingAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, kv: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = query.shape
         S = kv.shape[1]
         H = self.num_heads
@@ -210,7 +218,11 @@ class _PoolingAttention(nn.Module):
         q = q.view(L, B * H, hd).transpose(0, 1)
         k = k.view(S, B * H, hd).transpose(0, 1)
         v = v.view(S, B * H, hd).transpose(0, 1)
-        weights = torch.bmm(q * math.sqrt(1.0 / float(hd)), k.transpose(-2, -1))
+        q_scaled = q * math.sqrt(1.0 / float(hd))
+        if attn_mask is not None:  # torch adds the mask inside the GEMM (baddbmm), not after it
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
         weights = F.softmax(weights, dim=-1)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(L * B, D)
         out = self.out_proj(out).view(L, B, D)

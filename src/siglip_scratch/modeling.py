@@ -12,13 +12,14 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import check_state_shapes, index_checkpoint, load_tensors, map_vision_keys
-from .config import SiglipVisionConfig
+from .config import Siglip2VisionConfig, SiglipVisionConfig
 from .errors import InputError, SourceError
 from .model import (
     ATTN_IMPLEMENTATIONS,
@@ -28,8 +29,16 @@ from .model import (
     SiglipVisionTransformer,
     _PoolingAttention,
 )
+from .naflex import Arithmetic, Siglip2VisionTransformer
 
-__all__ = ["SiglipVisionModel", "expected_shapes", "load_vision_state_dict", "synthetic_state_dict"]
+__all__ = [
+    "Siglip2VisionModel",
+    "SiglipVisionModel",
+    "expected_shapes",
+    "load_vision_state_dict",
+    "model_class_for",
+    "synthetic_state_dict",
+]
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -41,62 +50,41 @@ def _check_attn(name: str) -> None:
         )
 
 
-class SiglipVisionModel(nn.Module):
-    """SigLIP vision tower with the hub's module layout (``vision_model.…``).
+class _VisionTower(nn.Module):
+    """What both towers share: the hub's ``vision_model`` wrapper, construction on meta, strict loading,
+    synthetic weights and saving. Subclasses set ``config_class`` and build ``self.vision_model``."""
 
-    ``forward(pixel_values)`` returns `SiglipVisionModelOutput` with ``last_hidden_state`` [B, N, D],
-    ``pooler_output`` [B, D] (None without the MAP head) and, on request, ``hidden_states``:
-    the embeddings and each layer's output, before ``post_layernorm``.
-    """
-
-    def __init__(self, config: SiglipVisionConfig, attn_implementation: AttnImplementation = "sdpa"):
-        super().__init__()
-        _check_attn(attn_implementation)
-        self.config = config
-        self.vision_model = SiglipVisionTransformer(config, attn_implementation)
-        if not _on_meta(self):
-            _init_unset_parameters(self)
+    config_class: type = SiglipVisionConfig
 
     @property
     def attn_implementation(self) -> str:
         return next(m.attn_implementation for m in self.modules() if isinstance(m, SiglipAttention))
 
-    def set_attn_implementation(self, name: AttnImplementation) -> SiglipVisionModel:
+    def set_attn_implementation(self, name: AttnImplementation) -> _VisionTower:
         _check_attn(name)
         for m in self.modules():
             if isinstance(m, SiglipAttention):
                 m.attn_implementation = name
         return self
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-    ) -> SiglipVisionModelOutput:
-        return self.vision_model(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-        )
-
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def _empty(cls, config: SiglipVisionConfig, attn_implementation: AttnImplementation) -> SiglipVisionModel:
+    def _empty(cls, config: Any, attn_implementation: AttnImplementation) -> _VisionTower:
         with torch.device("meta"):
             return cls(config, attn_implementation)
 
     @classmethod
     def from_state_dict(
         cls,
-        config: SiglipVisionConfig,
+        config: Any,
         state_dict: Mapping[str, torch.Tensor],
         *,
         attn_implementation: AttnImplementation = "sdpa",
         source: str = "state_dict",
-    ) -> SiglipVisionModel:
+    ) -> _VisionTower:
         """Build the model around the given tensors (shared, not copied). Keys may be in any layout
         `map_vision_keys` knows; every key and shape is checked first."""
+        _check_config(cls, config)
         mapping, _dropped, unmatched = map_vision_keys(state_dict)
         found = {k: tuple(state_dict[src].shape) for k, src in mapping.items()}
         found.update({k: tuple(state_dict[k].shape) for k in unmatched})
@@ -108,13 +96,13 @@ class SiglipVisionModel(nn.Module):
     @classmethod
     def from_config(
         cls,
-        config: SiglipVisionConfig,
+        config: Any,
         *,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: AttnImplementation = "sdpa",
-    ) -> SiglipVisionModel:
+    ) -> _VisionTower:
         """Deterministic synthetic weights where every parameter matters (see `synthetic_state_dict`)."""
         state = synthetic_state_dict(config, seed=seed, dtype=dtype, device=device)
         return cls.from_state_dict(config, state, attn_implementation=attn_implementation, source=f"seed {seed}")
@@ -127,22 +115,24 @@ class SiglipVisionModel(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         attn_implementation: AttnImplementation = "sdpa",
-        config: SiglipVisionConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
-    ) -> SiglipVisionModel:
+    ) -> _VisionTower:
         """Load a checkpoint strictly.
 
         Args:
             path: a folder with ``config.json`` and ``model.safetensors`` (or a sharded index), a
                 ``.safetensors`` file with ``config.json`` beside it, or a hub repo id (resolved
                 through huggingface_hub and its cache; ``HF_HUB_OFFLINE=1`` is honoured).
-                Full SiglipModel and PaliGemma checkpoints work: other towers are ignored.
+                Full SiglipModel / Siglip2Model and VLM checkpoints work: other towers are ignored.
             dtype: cast floating tensors to this dtype (default: keep the file's).
             config: use this config instead of the checkpoint's ``config.json``.
         Raises:
             CheckpointError: keys missing or unexpected, or shapes wrong (sorted lists attached).
         """
-        config, tensors, source = load_vision_state_dict(path, config=config, revision=revision)
+        config, tensors, source = load_vision_state_dict(
+            path, config=config, revision=revision, config_class=cls.config_class
+        )
         if dtype is not None:
             tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
         model = cls.from_state_dict(config, tensors, attn_implementation=attn_implementation, source=source)
@@ -172,12 +162,101 @@ class SiglipVisionModel(nn.Module):
         return folder
 
 
+class SiglipVisionModel(_VisionTower):
+    """SigLIP vision tower with the hub's module layout (``vision_model.…``).
+
+    ``forward(pixel_values)`` returns `SiglipVisionModelOutput` with ``last_hidden_state`` [B, N, D],
+    ``pooler_output`` [B, D] (None without the MAP head) and, on request, ``hidden_states``:
+    the embeddings and each layer's output, before ``post_layernorm``.
+    """
+
+    config_class = SiglipVisionConfig
+
+    def __init__(self, config: SiglipVisionConfig, attn_implementation: AttnImplementation = "sdpa"):
+        super().__init__()
+        _check_attn(attn_implementation)
+        _check_config(type(self), config)
+        self.config = config
+        self.vision_model = SiglipVisionTransformer(config, attn_implementation)
+        if not _on_meta(self):
+            _init_unset_parameters(self)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+    ) -> SiglipVisionModelOutput:
+        return self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+        )
+
+
+class Siglip2VisionModel(_VisionTower):
+    """SigLIP 2 NaFlex vision tower with the hub's module layout (``vision_model.…``), mirroring
+    ``transformers.Siglip2VisionModel``. ``forward(pixel_values, pixel_attention_mask, spatial_shapes)``
+    takes what `Siglip2ImageProcessor` produces; ``arithmetic`` ("5" or "4.57") picks which transformers'
+    floating-point operations it reproduces bit for bit (see `naflex.py`)."""
+
+    config_class = Siglip2VisionConfig
+
+    def __init__(
+        self,
+        config: Siglip2VisionConfig,
+        attn_implementation: AttnImplementation = "sdpa",
+        arithmetic: Arithmetic = "5",
+    ):
+        super().__init__()
+        _check_attn(attn_implementation)
+        _check_config(type(self), config)
+        self.config = config
+        self.vision_model = Siglip2VisionTransformer(config, attn_implementation)
+        self.set_arithmetic(arithmetic)
+        if not _on_meta(self):
+            _init_unset_parameters(self)
+
+    @property
+    def arithmetic(self) -> str:
+        return self.vision_model.arithmetic
+
+    def set_arithmetic(self, arithmetic: Arithmetic) -> Siglip2VisionModel:
+        self.vision_model.set_arithmetic(arithmetic)
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        output_hidden_states: bool = False,
+    ) -> SiglipVisionModelOutput:
+        return self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states)
+
+
+def _check_config(cls: type, config: Any) -> None:
+    if not isinstance(config, cls.config_class):
+        other = "Siglip2VisionModel" if isinstance(config, Siglip2VisionConfig) else "SiglipVisionModel"
+        raise InputError(
+            f"{cls.__name__} takes a {cls.config_class.__name__}, got {type(config).__name__}",
+            "config",
+            f"use {other} for this config (load_config picks the config class from a config.json)",
+        )
+
+
+def model_class_for(config: Any) -> type[_VisionTower]:
+    """The tower class for a config: `Siglip2VisionModel` for NaFlex, else `SiglipVisionModel`."""
+    return Siglip2VisionModel if isinstance(config, Siglip2VisionConfig) else SiglipVisionModel
+
+
 def load_vision_state_dict(
     path: str | os.PathLike[str],
     *,
-    config: SiglipVisionConfig | None = None,
+    config: Any = None,
     revision: str | None = None,
-) -> tuple[SiglipVisionConfig, dict[str, torch.Tensor], str]:
+    config_class: type = SiglipVisionConfig,
+) -> tuple[Any, dict[str, torch.Tensor], str]:
     """Read a checkpoint's vision tower strictly, without building a model.
 
     Returns:
@@ -186,7 +265,7 @@ def load_vision_state_dict(
     """
     folder, weights = _resolve(path, revision)
     if config is None:
-        config = SiglipVisionConfig.from_pretrained(folder)
+        config = config_class.from_pretrained(folder)
     infos = index_checkpoint(weights, vision_only=True)
     mapping, _dropped, unmatched = map_vision_keys(infos)
     found = {k: infos[src].shape for k, src in mapping.items()}
@@ -199,7 +278,7 @@ def _on_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
 
-def _init_unset_parameters(model: SiglipVisionModel) -> None:
+def _init_unset_parameters(model: nn.Module) -> None:
     # nn.Linear/LayerNorm/Conv2d/Embedding initialise themselves; the two raw Parameters do not.
     for m in model.modules():
         if isinstance(m, _PoolingAttention):
@@ -209,20 +288,20 @@ def _init_unset_parameters(model: SiglipVisionModel) -> None:
             nn.init.normal_(m.probe)
 
 
-def expected_shapes(config: SiglipVisionConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of the model for ``config`` and its shape (computed once per config, on meta)."""
     return dict(_expected_shapes(config))
 
 
 @functools.lru_cache(maxsize=64)
-def _expected_shapes(config: SiglipVisionConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _expected_shapes(config: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
-        model = SiglipVisionModel(config)
+        model = model_class_for(config)(config)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def synthetic_state_dict(
-    config: SiglipVisionConfig,
+    config: Any,
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -236,7 +315,7 @@ def synthetic_state_dict(
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     with torch.device("meta"):
-        model = SiglipVisionModel(config)
+        model = model_class_for(config)(config)
 
     def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
         x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)

@@ -31,7 +31,7 @@ from .config import SiglipVisionConfig
 from .errors import ConfigError, InputError, SourceError
 from .files import read_json
 
-__all__ = ["BACKENDS", "SiglipImageProcessor", "load_image", "to_rgb"]
+__all__ = ["BACKENDS", "Siglip2ImageProcessor", "SiglipImageProcessor", "load_image", "naflex_size", "to_rgb"]
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray
 
@@ -321,3 +321,164 @@ def _parse_size(value: Any, source: str) -> tuple[int, int]:
             "size with shortest_edge is not a SigLIP preprocessing", f"{source}: size", "use height and width"
         )
     raise ConfigError(f"size must be {{height, width}}, got {value!r}", f"{source}: size", None)
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """The (height, width) an image is resized to under NaFlex: both multiples of ``patch_size`` (at least
+    one patch), the aspect ratio kept as closely as that allows, and at most ``max_num_patches`` patches.
+
+    The scale is found by bisection on [1e-6, 100] until the interval is under 1e-5, keeping the largest
+    scale that fits: the procedure transformers' SigLIP 2 processors use, so sizes agree to the pixel.
+    """
+
+    def scaled(scale: float, size: int) -> int:
+        return int(max(patch_size, math.ceil(size * scale / patch_size) * patch_size))
+
+    lo, hi = 1e-6, 100.0
+    while hi - lo >= 1e-5:
+        mid = (lo + hi) / 2
+        if (scaled(mid, height) / patch_size) * (scaled(mid, width) / patch_size) <= max_num_patches:
+            lo = mid
+        else:
+            hi = mid
+    return scaled(lo, height), scaled(lo, width)
+
+
+@dataclass(frozen=True)
+class Siglip2ImageProcessor:
+    """Preprocessing for SigLIP 2 NaFlex: each image resized (aspect kept) to fit ``max_num_patches``
+    patches of ``patch_size``, rescaled and normalised like SigLIP, cut into flattened patches
+    (row-major over the patch grid, each patch's values in (row, column, channel) order) and padded.
+
+    ``__call__`` returns ``pixel_values`` float32 [B, max_num_patches, C·p·p], ``pixel_attention_mask``
+    int32 [B, max_num_patches] (1 = a real patch) and ``spatial_shapes`` int64 [B, 2] (patch rows, columns):
+    the inputs of `Siglip2VisionModel`, as transformers' PIL ``Siglip2ImageProcessor`` makes them.
+    """
+
+    patch_size: int = 16
+    max_num_patches: int = 256
+    resample: int = BILINEAR
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_convert_rgb: bool = True
+    transparency: str = "white"
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "max_num_patches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", name, None)
+        self._per_image((self.patch_size, self.patch_size))  # the shared settings are checked there
+
+    def _per_image(self, size: tuple[int, int]) -> SiglipImageProcessor:
+        return SiglipImageProcessor(
+            size=size,
+            resample=self.resample,
+            do_rescale=self.do_rescale,
+            rescale_factor=self.rescale_factor,
+            do_normalize=self.do_normalize,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            do_convert_rgb=self.do_convert_rgb,
+            transparency=self.transparency,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessor_config") -> Siglip2ImageProcessor:
+        if not isinstance(data, dict):
+            raise ConfigError("preprocessor config must be a JSON object", source, None)
+        values: dict[str, Any] = {}
+        for key in (
+            "patch_size",
+            "max_num_patches",
+            "resample",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+            "do_convert_rgb",
+        ):
+            if key in data and data[key] is not None:
+                values[key] = int(data[key]) if key == "resample" and isinstance(data[key], float) else data[key]
+        for key in ("image_mean", "image_std"):
+            if key in data:
+                value = data[key]
+                values[key] = tuple(value) if isinstance(value, list) else (value,) * 3
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(exc.what, f"{source}: {exc.where}", exc.fix) from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Siglip2ImageProcessor:
+        path = Path(path)
+        file = path / "preprocessor_config.json" if path.is_dir() else path
+        data = read_json(file, what="preprocessor_config.json", error=ConfigError, missing_fix="pass the model folder")
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "do_convert_rgb": self.do_convert_rgb,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": True,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "Siglip2ImageProcessor",
+            "image_std": list(self.image_std),
+            "max_num_patches": self.max_num_patches,
+            "patch_size": self.patch_size,
+            "processor_class": "Siglip2Processor",
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+        }
+
+    def size_for(self, image: Image.Image) -> tuple[int, int]:
+        return naflex_size(image.height, image.width, self.patch_size, self.max_num_patches)
+
+    def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image to (float32 patches [h·w, C·p·p], (h, w) in patches)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape[:2]:
+                raise InputError(
+                    f"numpy images must be uint8 [H, W, C] with C in 1, 3, 4; got {image.dtype} {image.shape}",
+                    "images",
+                    "pass PIL images",
+                )
+            image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        if not isinstance(image, Image.Image):
+            raise InputError(f"cannot preprocess {type(image).__name__}", "images", "pass PIL images or file paths")
+        if image.width == 0 or image.height == 0:
+            raise InputError(f"image has zero size {image.size}", "images", None)
+        height, width = self.size_for(image)
+        arr = self._per_image((height, width)).preprocess_one(image)  # [C, H, W]
+        p = self.patch_size
+        c, h, w = arr.shape[0], height // p, width // p
+        patches = arr.reshape(c, h, p, w, p).transpose(1, 3, 2, 4, 0).reshape(h * w, p * p * c)
+        return patches, (h, w)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, torch.Tensor]:
+        if isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise InputError("no images given", "images", "pass at least one image")
+        n = self.max_num_patches
+        values, masks, shapes = [], [], []
+        for image in images:
+            patches, shape = self.preprocess_one(image)
+            padded = np.zeros((n, patches.shape[1]), dtype=np.float32)
+            padded[: len(patches)] = patches
+            mask = np.zeros(n, dtype=np.int32)
+            mask[: len(patches)] = 1
+            values.append(padded)
+            masks.append(mask)
+            shapes.append(shape)
+        return {
+            "pixel_values": torch.from_numpy(np.stack(values)),
+            "pixel_attention_mask": torch.from_numpy(np.stack(masks)),
+            "spatial_shapes": torch.tensor(shapes, dtype=torch.int64),
+        }

@@ -1,0 +1,202 @@
+"""SigLIP 2 NaFlex: our encoder and processor against transformers' own `Siglip2VisionModel` and
+`Siglip2ImageProcessor`, bit for bit, on real NaFlex inputs (non-square images of several aspect
+ratios, several ``max_num_patches``, mixed in one padded batch). Runs under 5.x (`make test`) and 4.57.6
+(`make test-457`), whose arithmetic differs (the `arithmetic` switch; a test shows the switch matters).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siglip_scratch import (
+    ConfigError,
+    InputError,
+    Siglip2ImageProcessor,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    load_config,
+)
+from siglip_scratch.modeling import synthetic_state_dict
+
+from .conftest import assert_exact, max_abs
+
+# Structure-true, small: head_dim 16, patch 8 (192 values a patch), an 8x8 position table resized per image.
+CFG = Siglip2VisionConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, patch_size=8, num_patches=64
+)
+# (height, width): wide, tall, small, large, square, very wide: more than 4 aspect ratios, both ways.
+SIZES = [(180, 320), (410, 150), (45, 61), (700, 1000), (224, 224), (40, 500)]
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+
+
+def _major(hf) -> int:
+    return int(hf.__version__.split(".")[0])
+
+
+def _arithmetic(hf) -> str:
+    return "5" if _major(hf) >= 5 else "4.57"
+
+
+def _transparency(hf) -> str:
+    return "white" if _major(hf) >= 5 else "drop"
+
+
+def _reference(hf, cfg: Siglip2VisionConfig, state: dict, attn: str):
+    hcfg = hf.Siglip2VisionConfig(
+        **{k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "model_type")}
+    )
+    ref = hf.Siglip2VisionModel._from_config(hcfg, attn_implementation=attn).eval()
+    wrapped = hasattr(ref, "vision_model")  # 4.57 keeps the `vision_model.` wrapper, 5.x is flat
+    ref.load_state_dict(
+        {(k if wrapped else k.removeprefix("vision_model.")): v for k, v in state.items()}, strict=True, assign=True
+    )
+    return ref
+
+
+def _hf_processor(hf, max_num_patches: int, patch_size: int):
+    cls = getattr(hf, "Siglip2ImageProcessorPil", None) or hf.Siglip2ImageProcessor  # 4.57: the PIL one
+    return cls(max_num_patches=max_num_patches, patch_size=patch_size, do_convert_rgb=True)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_num_patches", [64, 100, 144, 256])
+def test_encoder_is_bit_identical_to_transformers(hf, attn, max_num_patches):
+    """Six images of different aspect ratios in one batch: each gets its own grid (spatial_shapes), the rest
+    of its rows are padding. Every output, padding rows included, and the pooled output are identical."""
+    state = synthetic_state_dict(CFG, seed=1)
+    ours = Siglip2VisionModel.from_state_dict(CFG, state, attn_implementation=attn).set_arithmetic(_arithmetic(hf))
+    ref = _reference(hf, CFG, state, attn)
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=max_num_patches)(_images())
+    shapes = inputs["spatial_shapes"].tolist()
+    assert len({h / w for h, w in shapes}) >= 4 and not inputs["pixel_attention_mask"].all(), shapes
+    with torch.inference_mode():
+        a = ours(**inputs)
+        b = ref(**inputs)
+    what = f"{attn}, max_num_patches {max_num_patches}, shapes {shapes}"
+    assert_exact(a.last_hidden_state, b.last_hidden_state, f"last_hidden_state ({what})")
+    assert_exact(a.pooler_output, b.pooler_output, f"pooler_output ({what})")
+
+
+def test_unpadded_batch_and_bfloat16_are_bit_identical(hf):
+    """No padding at all (transformers 5 then passes no mask), and a bfloat16 run."""
+    state = synthetic_state_dict(CFG, seed=2)
+    square = [Image.fromarray(np.full((64, 64, 3), i * 40, np.uint8)) for i in range(2)]
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)(square)
+    assert inputs["pixel_attention_mask"].all()
+    for dtype in (torch.float32, torch.bfloat16):
+        typed = {k: v.to(dtype) for k, v in state.items()}
+        ours = Siglip2VisionModel.from_state_dict(CFG, typed).set_arithmetic(_arithmetic(hf))
+        ref = _reference(hf, CFG, typed, "sdpa")
+        for batch in (inputs, Siglip2ImageProcessor(patch_size=8, max_num_patches=100)(_images()[:3])):
+            x = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
+            with torch.inference_mode():
+                assert_exact(ours(**x).pooler_output, ref(**x).pooler_output, f"pooled {dtype}")
+
+
+def test_the_other_versions_arithmetic_is_not_bit_identical(hf):
+    """Why `arithmetic` exists: 5.x resizes the position grid with one matmul, 4.57 with F.interpolate,
+    and masks differently; with the other version's arithmetic the outputs differ (by float32 rounding)."""
+    state = synthetic_state_dict(CFG, seed=1)
+    other = "4.57" if _arithmetic(hf) == "5" else "5"
+    ours = Siglip2VisionModel.from_state_dict(CFG, state, attn_implementation="eager").set_arithmetic(other)
+    ref = _reference(hf, CFG, state, "eager")
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=100)(_images())
+    with torch.inference_mode():
+        d = max_abs(ours(**inputs).last_hidden_state, ref(**inputs).last_hidden_state)
+    assert 0 < d < 1e-4, d
+
+
+@pytest.mark.parametrize("max_num_patches", [256, 576, 784, 1024])
+def test_processor_equals_transformers(hf, max_num_patches):
+    """Non-square images both ways, small, large, RGBA and grayscale, patch 16 as the hub checkpoints."""
+    images = _images()
+    rng = np.random.default_rng(1)
+    images.append(Image.fromarray(rng.integers(0, 256, (200, 260, 4), dtype=np.uint8), "RGBA"))
+    images.append(Image.fromarray(rng.integers(0, 256, (230, 170), dtype=np.uint8), "L"))
+    theirs = _hf_processor(hf, max_num_patches, 16)(images=images, return_tensors="pt")
+    ours = Siglip2ImageProcessor(max_num_patches=max_num_patches, transparency=_transparency(hf))(images)
+    assert torch.equal(ours["spatial_shapes"], theirs["spatial_shapes"].long()), (
+        ours["spatial_shapes"],
+        theirs["spatial_shapes"],
+    )
+    assert torch.equal(ours["pixel_attention_mask"], theirs["pixel_attention_mask"].to(torch.int32))
+    d = max_abs(ours["pixel_values"], theirs["pixel_values"])
+    assert d <= 1e-6, f"pixel_values differ by {d:.3e} (max_num_patches {max_num_patches})"
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["Siglip2VisionModel", "Siglip2Model"])
+def test_loads_what_transformers_saves(hf, tmp_path, whole):
+    """Folders written by transformers' own save_pretrained (this venv's version): strict load, exact output."""
+    torch.manual_seed(0)
+    vision = {k: v for k, v in CFG.to_dict().items() if k not in ("architectures", "model_type")}
+    if whole:
+        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+        model = hf.Siglip2Model(hf.Siglip2Config(vision_config=vision, text_config=text)).eval()
+        tower = model.vision_model
+    else:
+        model = tower = hf.Siglip2VisionModel(hf.Siglip2VisionConfig(**vision)).eval()
+    model.save_pretrained(tmp_path)
+    ours = Siglip2VisionModel.from_pretrained(tmp_path).set_arithmetic(_arithmetic(hf))
+    assert ours.config == CFG
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=100)(_images())
+    if "pixel_attention_mask" not in inspect.signature(tower.forward).parameters:  # 4.57's inner transformer
+        inputs_hf = {**inputs, "attention_mask": inputs["pixel_attention_mask"]}
+        del inputs_hf["pixel_attention_mask"]
+    else:
+        inputs_hf = inputs
+    with torch.inference_mode():
+        want = tower(**inputs_hf)
+        got = ours(**inputs)
+    assert_exact(got.last_hidden_state, want.last_hidden_state, "last_hidden_state after save_pretrained")
+    assert_exact(got.pooler_output, want.pooler_output, "pooler_output after save_pretrained")
+    assert isinstance(load_config(json.loads((tmp_path / "config.json").read_text())), Siglip2VisionConfig)
+
+
+def test_our_save_is_what_transformers_loads(hf, tmp_path):
+    ours = Siglip2VisionModel.from_config(CFG, seed=3).set_arithmetic(_arithmetic(hf))
+    ours.save_pretrained(tmp_path)
+    theirs, info = hf.Siglip2VisionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)(_images()[:2])
+    with torch.inference_mode():
+        assert_exact(ours(**inputs).pooler_output, theirs.eval()(**inputs).pooler_output, "pooled after our save")
+
+
+def test_bad_inputs_are_one_line_errors():
+    model = Siglip2VisionModel.from_config(CFG, seed=0)
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)(_images()[:2])
+    bad_mask = inputs["pixel_attention_mask"].clone()
+    bad_mask[0, -1] = 1 - bad_mask[0, -1]
+    cases = [
+        ({**inputs, "pixel_values": inputs["pixel_values"][..., :-1]}, "flattened 8x8 patches"),
+        ({**inputs, "pixel_attention_mask": bad_mask}, "pixel_attention_mask marks"),
+        ({**inputs, "spatial_shapes": torch.tensor([[9, 9], [1, 1]])}, "does not fit 64 patches"),
+        ({**inputs, "spatial_shapes": inputs["spatial_shapes"].float()}, "spatial_shapes must be integer"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            model(**kwargs)
+
+
+def test_the_two_towers_keep_their_configs_apart():
+    with pytest.raises(ConfigError, match="load it with Siglip2VisionModel"):
+        SiglipVisionConfig.from_dict({"model_type": "siglip2_vision_model"})
+    with pytest.raises(InputError, match="SiglipVisionModel takes a SiglipVisionConfig"):
+        SiglipVisionModel(CFG)
+    with pytest.raises(ConfigError, match="num_patches 200 is not a square"):
+        Siglip2VisionConfig(num_patches=200)
+    naflex = load_config({"model_type": "siglip2", "vision_config": {"num_patches": 576, "patch_size": 16}})
+    assert naflex == Siglip2VisionConfig(num_patches=576)
+    assert isinstance(load_config({"model_type": "siglip", "vision_config": {}}), SiglipVisionConfig)
