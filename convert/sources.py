@@ -27,12 +27,20 @@ from siglip_scratch.checkpoint import (
     check_state_shapes,
     folder_safetensors,
 )
-from siglip_scratch.config import PRESETS, SUPPORTED_ACTIVATIONS, SiglipVisionConfig, siglip_generation
+from siglip_scratch.config import (
+    PRESETS,
+    SUPPORTED_ACTIVATIONS,
+    AnyVisionConfig,
+    Siglip2VisionConfig,
+    SiglipVisionConfig,
+    load_config,
+    siglip_generation,
+)
 from siglip_scratch.errors import CheckpointError, ConfigError, InputError, SourceError
 from siglip_scratch.files import is_sha256, read_json
 from siglip_scratch.hub import RangedRead
 from siglip_scratch.modeling import expected_shapes
-from siglip_scratch.processor import BICUBIC, BILINEAR, SiglipImageProcessor
+from siglip_scratch.processor import BICUBIC, BILINEAR, Siglip2ImageProcessor, SiglipImageProcessor
 
 from .stores import NpzStore, SafetensorsStore, Store, TorchPickleStore
 from .tables import BIG_VISION_TABLE, TIMM_TABLE, Row
@@ -71,7 +79,7 @@ class Plan:
     kind: str
     detected: str
     layout: str
-    config: SiglipVisionConfig
+    config: AnyVisionConfig
     tensors: list[Planned]
     inputs: list[InputFile]
     preprocessor: dict[str, Any]
@@ -114,7 +122,7 @@ def plan_conversion(
             f"unsupported hidden_act {hidden_act!r}", "--hidden-act", f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
         )
     path = Path(source)
-    override = SiglipVisionConfig.from_pretrained(config_file) if config_file else None
+    override = _read_config(Path(config_file)) if config_file else None
     provenance: dict[str, Any] = {"source": source}
     inputs: list[InputFile] = []
     scratch: Path | None = None
@@ -181,7 +189,7 @@ def _plan(
     weights: Path,
     kind: str,
     detected: str,
-    override: SiglipVisionConfig | None,
+    override: AnyVisionConfig | None,
     config_file: str | None,
     no_head: bool,
     hidden_act: str | None,
@@ -315,7 +323,7 @@ def _hub_blob_sha256(path: Path) -> str | None:
 
 # -- HF layouts ----------------------------------------------------------------------------------
 _RULE_NAMES = {
-    "vision_model.": "SiglipModel/SiglipVisionModel (hub layout)",
+    "vision_model.": "hub layout (vision_model.…)",
     "embeddings.": "SiglipVisionModel (flat, transformers >= 5.6)",
     "vision_tower.vision_model.": "VLM tower, hub / transformers 4.x layout (vision_tower.vision_model.)",
     "vision_tower.": "VLM tower, transformers 5.x on-disk layout (vision_tower., flat)",
@@ -334,6 +342,8 @@ SMOLVLM_NOTE = (
 MODEL_NAMES = {
     "siglip": "SigLIP",
     "siglip_vision_model": "SigLIP vision model",
+    "siglip2": "SigLIP 2 NaFlex",
+    "siglip2_vision_model": "SigLIP 2 NaFlex vision model",
     "paligemma": "PaliGemma",
     "gemma3": "Gemma 3",
     "llava": "LLaVA",
@@ -620,25 +630,40 @@ def _model_name(folder: Path) -> str | None:
 
 def _folder_config(
     folder: Path, kind: str, inferred: SiglipVisionConfig | None, inputs: list[InputFile]
-) -> SiglipVisionConfig:
+) -> AnyVisionConfig:
     if inferred is not None:
         return inferred
     file = folder / "config.json"
     if not file.is_file():
         raise InputError("no config.json beside the weights", str(folder), "pass --config with the model's config.json")
     inputs.append(InputFile(file, _hub_blob_sha256(file)))
-    return SiglipVisionConfig.from_pretrained(file)
+    return _read_config(file)
+
+
+def _read_config(file: Path) -> AnyVisionConfig:
+    """A config.json of either tower: SigLIP 2 NaFlex (``Siglip2VisionConfig``) or fixed resolution."""
+    data = read_json(
+        file, what="config.json", error=ConfigError, missing_fix="pass a model folder or a config JSON file"
+    )
+    return load_config(data, source=str(file))
 
 
 def _preprocessor(
-    folder: Path, kind: str, config: SiglipVisionConfig, inputs: list[InputFile]
+    folder: Path, kind: str, config: AnyVisionConfig, inputs: list[InputFile]
 ) -> tuple[dict[str, Any], str]:
     file = folder / "preprocessor_config.json"
+    naflex = isinstance(config, Siglip2VisionConfig)
     if kind in ("hf-folder", "hub") and file.is_file():
         data = read_json(file, what="preprocessor_config.json", error=ConfigError, fix="fix or delete it")
-        SiglipImageProcessor.from_dict(data, source=str(file))  # validate before copying
+        (Siglip2ImageProcessor if naflex else SiglipImageProcessor).from_dict(data, source=str(file))  # validate
         inputs.append(InputFile(file, _hub_blob_sha256(file)))
         return data, f"copied from {file}"
+    if naflex:
+        proc = Siglip2ImageProcessor(patch_size=config.patch_size)
+        return (
+            proc.to_dict(),
+            f"generated (SigLIP 2 NaFlex: bilinear, {proc.max_num_patches} patches of {config.patch_size} px)",
+        )
     resample, why = _resample_from_config(folder)
     proc = SiglipImageProcessor.for_config(config, resample=resample)
     return proc.to_dict(), f"generated ({why})"

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from siglip_scratch.config import SiglipVisionConfig
+from siglip_scratch.config import AnyVisionConfig, Siglip2VisionConfig
 from siglip_scratch.errors import InputError
 
-__all__ = ["build_reference", "canonical_name", "reference_prefix", "transformers_version"]
+__all__ = ["build_reference", "canonical_name", "naflex_arithmetic", "reference_prefix", "transformers_version"]
 
 
 def _import_transformers():
@@ -34,6 +34,11 @@ def transformers_version() -> str:
     return _import_transformers().__version__
 
 
+def naflex_arithmetic() -> str:
+    """Which transformers' NaFlex arithmetic `Siglip2VisionModel` must reproduce: "5" or "4.57"."""
+    return "5" if int(transformers_version().split(".")[0]) >= 5 else "4.57"
+
+
 def reference_prefix(model: nn.Module) -> str:
     """The prefix to strip from the reference's module names to get canonical names minus
     ``vision_model.``: ``"vision_model."`` for the 4.57 wrapper, ``""`` for the flat layout."""
@@ -48,12 +53,13 @@ def canonical_name(name: str, prefix: str) -> str:
 
 
 def build_reference(
-    config: SiglipVisionConfig,
+    config: AnyVisionConfig,
     state_dict: Mapping[str, torch.Tensor],
     *,
     attn_implementation: str = "sdpa",
 ) -> nn.Module:
-    """A ``transformers.SiglipVisionModel`` in eval mode whose parameters *are* the given tensors.
+    """A ``transformers.SiglipVisionModel`` (``Siglip2VisionModel`` for a NaFlex config) in eval mode whose
+    parameters *are* the given tensors.
 
     Args:
         state_dict: canonical (``vision_model.…``) keys; tensors are assigned, not copied, so the
@@ -61,10 +67,12 @@ def build_reference(
     """
     transformers = _import_transformers()
     fields = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type")}
-    hf_config = transformers.SiglipVisionConfig(**fields)
+    naflex = isinstance(config, Siglip2VisionConfig)
+    cls_name = "Siglip2VisionModel" if naflex else "SiglipVisionModel"
+    hf_config = getattr(transformers, cls_name.replace("Model", "Config"))(**fields)
     hf_config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = transformers.SiglipVisionModel(hf_config)
+        model = getattr(transformers, cls_name)(hf_config)
     prefix = reference_prefix(model)
     expected = {k for k, _ in model.named_parameters()}
     mapped = {}
@@ -75,7 +83,7 @@ def build_reference(
     if missing or unexpected:
         raise InputError(
             f"reference does not take these weights: missing {missing[:5]}, unexpected {unexpected[:5]}",
-            "transformers.SiglipVisionModel",
+            f"transformers.{cls_name}",
             "report this: the reference layout changed",
         )
     # strict=False only because non-persistent buffers (position_ids) are rebuilt below; every
@@ -83,7 +91,7 @@ def build_reference(
     result = model.load_state_dict(mapped, strict=False, assign=True)
     left = sorted(set(result.missing_keys) - {n for n, _ in model.named_buffers()}) + sorted(result.unexpected_keys)
     if left:
-        raise InputError(f"reference left keys unloaded: {left[:5]}", "transformers.SiglipVisionModel", "report this")
+        raise InputError(f"reference left keys unloaded: {left[:5]}", f"transformers.{cls_name}", "report this")
     device = next(iter(state_dict.values())).device
     # Non-persistent buffers (position_ids) were created on meta; rebuild them for real.
     for mod_name, module in model.named_modules():

@@ -200,3 +200,56 @@ def test_the_two_towers_keep_their_configs_apart():
     naflex = load_config({"model_type": "siglip2", "vision_config": {"num_patches": 576, "patch_size": 16}})
     assert naflex == Siglip2VisionConfig(num_patches=576)
     assert isinstance(load_config({"model_type": "siglip", "vision_config": {}}), SiglipVisionConfig)
+
+
+# -- the converter ---------------------------------------------------------------------------------------
+def _siglip2_model(hf, text_vocab: int = 100):
+    torch.manual_seed(0)
+    vision = {k: v for k, v in CFG.to_dict().items() if k not in ("architectures", "model_type")}
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=text_vocab)
+    return hf.Siglip2Model(hf.Siglip2Config(vision_config=vision, text_config=text)).eval()
+
+
+@pytest.mark.parametrize("with_processor", [True, False])
+def test_converter_makes_a_vision_folder_transformers_loads(hf, tmp_path, capsys, with_processor):
+    """A Siglip2Model saved by this venv's transformers (5.x under make test, 4.57.6 under make test-457):
+    the output is vision-only, `transformers.Siglip2VisionModel` loads it with no missing/unexpected keys,
+    and --verify compares both towers bit for bit on a padded batch of three aspect ratios."""
+    from siglip_scratch.convert.cli import main as convert_main
+
+    model = _siglip2_model(hf)
+    model.save_pretrained(tmp_path / "src")
+    if with_processor:
+        _hf_processor(hf, 100, 8).save_pretrained(tmp_path / "src")
+    assert convert_main([str(tmp_path / "src"), str(tmp_path / "out"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "SigLIP 2 NaFlex" in out and "PASS (max |Δ| 0" in out, out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "siglip2_vision_model" and config["num_patches"] == CFG.num_patches
+    pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert (pre["max_num_patches"], pre["patch_size"]) == ((100, 8) if with_processor else (256, 8)), pre
+    theirs, info = hf.Siglip2VisionModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    processor = Siglip2ImageProcessor.from_pretrained(tmp_path / "out")
+    inputs = processor(_images())
+    ours = Siglip2VisionModel.from_pretrained(tmp_path / "out").set_arithmetic(_arithmetic(hf))
+    with torch.inference_mode():
+        assert_exact(ours(**inputs).pooler_output, theirs.eval()(**inputs).pooler_output, "pooled after conversion")
+
+
+def test_converter_planted_tensor_fails_verify(hf, tmp_path, capsys):
+    """--verify is not a rubber stamp: an output whose tower differs from transformers' fails it."""
+    from siglip_scratch.convert.verify import verify_output
+
+    ours = Siglip2VisionModel.from_config(CFG, seed=4)
+    ours.save_pretrained(tmp_path / "ok")
+    ok, text = verify_output(tmp_path / "ok")
+    assert ok, text
+    # A NaN weight: both towers go non-finite, which is never "bit-identical".
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "ok" / "model.safetensors")
+    state["vision_model.encoder.layers.1.mlp.fc1.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "ok" / "model.safetensors"), metadata={"format": "pt"})
+    ok, text = verify_output(tmp_path / "ok")
+    assert not ok and "FAIL" in text, text
