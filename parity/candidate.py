@@ -89,11 +89,14 @@ def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.M
     return module
 
 
-def forward_candidate(candidate: nn.Module, pixel_values: torch.Tensor) -> Any:
-    """``candidate(pixel_values)``; the candidate is user code, so anything it raises becomes a one-line
-    `InputError` (our own `InputError`s, e.g. from hooks, pass through)."""
+def forward_candidate(candidate: nn.Module, pixel_values: Any) -> Any:
+    """``candidate(pixel_values)`` (NaFlex: ``candidate(pixel_values=…, pixel_attention_mask=…, spatial_shapes=…)``);
+    the candidate is user code, so anything it raises becomes a one-line `InputError` (our own
+    `InputError`s, e.g. from hooks, pass through)."""
+    from .inputs import call
+
     try:
-        return candidate(pixel_values)
+        return call(candidate, pixel_values)
     except InputError:
         raise
     except Exception as exc:  # the user's forward may raise anything

@@ -293,12 +293,22 @@ def _main(args: argparse.Namespace) -> int:
 
 def _check_processor(args: argparse.Namespace):
     """The candidate processor against transformers' processor for the chosen weights source."""
+    from siglip_scratch.errors import InputError
+    from siglip_scratch.processor import SiglipImageProcessor
+
     from .preprocess import compare_processor, load_processor_callable, processor_for_source
 
     say = _progress_printer(args) or (lambda line: None)
     fn = load_processor_callable(args.candidate_processor)
     say("preprocessing: candidate processor against transformers' on the probe images")
     processor = processor_for_source(args.weights, args.model, args.preset, args.revision)
+    if not isinstance(processor, SiglipImageProcessor):
+        raise InputError(
+            "--candidate-processor judges fixed-resolution processors (an image to [3, H, W]); SigLIP 2 NaFlex's "
+            "patchifying processor is not covered yet",
+            "--candidate-processor",
+            "compare it with siglip_scratch.Siglip2ImageProcessor, which equals transformers' (tests/test_naflex.py)",
+        )
     return compare_processor(fn, processor, name=args.candidate_processor)
 
 

@@ -27,10 +27,10 @@ from torch import nn
 
 import siglip_scratch
 from siglip_scratch.checkpoint import DTYPE_NAMES
-from siglip_scratch.config import SiglipVisionConfig, get_preset
+from siglip_scratch.config import AnyVisionConfig, Siglip2VisionConfig, SiglipVisionConfig, get_preset
 from siglip_scratch.errors import InputError
-from siglip_scratch.modeling import SiglipVisionModel, load_vision_state_dict, synthetic_state_dict
-from siglip_scratch.processor import SiglipImageProcessor
+from siglip_scratch.modeling import load_vision_state_dict, model_class_for, synthetic_state_dict
+from siglip_scratch.processor import Siglip2ImageProcessor, SiglipImageProcessor
 
 from .candidate import (
     LoadResult,
@@ -41,10 +41,11 @@ from .candidate import (
     load_candidate_factory,
     load_weights_into,
 )
-from .diagnose import diagnose
+from .diagnose import diagnose, naflex_context
 from .infer import infer_parameter_rules, infer_site_rules
+from .inputs import ModelInputs, NaflexInputs, call, naflex_images, naflex_inputs, select
 from .oracle import SiteTruth, run_oracle
-from .reference import build_reference, canonical_name, reference_prefix, transformers_version
+from .reference import build_reference, canonical_name, naflex_arithmetic, reference_prefix, transformers_version
 from .report import Report, Rule, SiteResult, measure, range_scan
 from .sites import (
     Depth,
@@ -146,25 +147,33 @@ def resolve_weights(
         return Weights(config, state, f"{preset} (seed {seed})", synthetic=True)
     path = weights if weights else model
     assert path is not None
-    config, state, source = load_vision_state_dict(path, revision=revision)
+    config, state, source = load_vision_state_dict(path, revision=revision, config_class=None)
     state = {k: (v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     return Weights(config, state, source if weights else f"{model} ({source})", synthetic=False)
 
 
 def make_pixels(
-    config: SiglipVisionConfig,
+    config: AnyVisionConfig,
     *,
     images: Sequence[str | os.PathLike[str]] | None = None,
     batch: int = 2,
     seed: int = 0,
-    processor: SiglipImageProcessor | None = None,
-) -> torch.Tensor:
-    """Images through the processor, else ``batch`` seeded uniform[-1, 1] images (float32)."""
+    processor: SiglipImageProcessor | Siglip2ImageProcessor | None = None,
+) -> ModelInputs:
+    """Images through the processor, else ``batch`` seeded uniform[-1, 1] images (float32). For SigLIP 2
+    NaFlex: `NaflexInputs`, from the images or from ``batch`` seeded images of different aspect ratios
+    (a padded batch in which every image has its own patch grid)."""
+    if batch < 1 and not images:
+        raise InputError(f"batch must be >= 1, got {batch}", "--batch", None)
+    if isinstance(config, Siglip2VisionConfig):
+        if not isinstance(processor, Siglip2ImageProcessor):
+            # As the hub checkpoints ship it: as many patches as the position grid has, so a non-square
+            # image's grid is smaller than the table on one side (the resize shrinks it: antialias matters).
+            processor = Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+        return naflex_inputs(processor, list(images) if images else naflex_images(batch, seed))
     if images:
         processor = processor or SiglipImageProcessor.for_config(config)
         return processor(list(images))
-    if batch < 1:
-        raise InputError(f"batch must be >= 1, got {batch}", "--batch", None)
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, config.num_channels, config.image_size, config.image_size, generator=g) * 2 - 1
 
@@ -266,13 +275,25 @@ def compare(
 
             processor = processor_for_source(weights, model, preset, revision, config=config)
         pixel_values = make_pixels(config, images=images, batch=batch, seed=seed, processor=processor)
-    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+    naflex = isinstance(config, Siglip2VisionConfig)
+    if naflex and isinstance(pixel_values, dict):
+        pixel_values = NaflexInputs.from_processor(pixel_values)
+    if naflex != isinstance(pixel_values, NaflexInputs):
+        raise InputError(
+            "SigLIP 2 NaFlex takes pixel_values, pixel_attention_mask and spatial_shapes (Siglip2ImageProcessor's output)"
+            if naflex
+            else "fixed-resolution SigLIP takes a pixel tensor [B, C, H, W], not NaFlex inputs",
+            "pixel_values",
+            "leave pixel_values out to let the harness make them",
+        )
+    values = pixel_values.pixel_values if naflex else pixel_values
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         raise InputError("pixel_values must be a floating-point tensor", "pixel_values", None)
-    if not torch.isfinite(pixel_values).all():
-        n_bad = int((~torch.isfinite(pixel_values)).sum())
+    if not torch.isfinite(values).all():
+        n_bad = int((~torch.isfinite(values)).sum())
         raise InputError(
             f"pixel_values contain {n_bad} NaN/Inf value(s); comparing them would prove nothing",
-            f"pixel_values shape {list(pixel_values.shape)}",
+            f"pixel_values shape {list(values.shape)}",
             "check the images or the preprocessing",
         )
     # Both sides get the pixels in the run's dtype (the reference casts them the same way).
@@ -295,10 +316,12 @@ def compare(
     skipped = [n for n in names if any(p.fullmatch(n) for p in skips)]
     reference = build_reference(config, w.state_dict, attn_implementation=attn)
     ref_in, ref_out = _record_reference(reference, names, pixel_values)
-    ranges, range_notes = range_scan(ref_out)
+    # What is measured: NaFlex padding rows are dropped from every [B, N, D] site (see inputs.py).
+    ref_sel = {k: select(pixel_values, v) for k, v in ref_out.items()}
+    ranges, range_notes = range_scan(ref_sel)
     # NaN/Inf in any weight shows in the reference's output (an Inf times a non-zero is never finite
     # again): scan the weights only then, to name them.
-    finite = all(bool(torch.isfinite(t).all()) for t in ref_out.values())
+    finite = all(bool(torch.isfinite(t).all()) for t in ref_sel.values())
     bad_weights = [] if finite else nonfinite_keys(w.state_dict)
     # The oracle uses sdpa: eager attention upcasts its softmax to float32 only.
     oracle_model = reference if attn == "sdpa" else build_reference(config, w.state_dict, attn_implementation="sdpa")
@@ -308,14 +331,14 @@ def compare(
     propagated = mode in ("propagated", "both")
     truth_iso = (
         run_oracle(
-            oracle_model, oracle_sites, pixel_values, ref_out, ref_in, SiteProgress(say, "oracle (isolated)", names)
+            oracle_model, oracle_sites, pixel_values, ref_sel, ref_in, SiteProgress(say, "oracle (isolated)", names)
         )
         if isolated
         else None
     )
     truth_prop = (
         run_oracle(
-            oracle_model, oracle_sites, pixel_values, ref_out, None, SiteProgress(say, "oracle (propagated)", names)
+            oracle_model, oracle_sites, pixel_values, ref_sel, None, SiteProgress(say, "oracle (propagated)", names)
         )
         if propagated
         else None
@@ -335,7 +358,7 @@ def compare(
     cand.eval()
     inferred_notes = []
     if infer:
-        site_rules, closeness = infer_site_rules(cand, names, ref_out, pixel_values)
+        site_rules, closeness = infer_site_rules(cand, names, ref_sel, pixel_values)
         all_rules = inferred["parameters"] + site_rules
         rules = as_rename_rules(all_rules, "inferred rename map")
         cand_info["inferred_rename"] = [list(r) for r in all_rules]
@@ -345,7 +368,7 @@ def compare(
                 f"no --rename given: {len(all_rules)} rule(s) inferred ({inferred['account']}; sites matched by "
                 "value); `siglip-parity inspect` shows them and --write-rename saves them"
             )
-    runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_out, rule=rule, skipped=skipped)
+    runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_sel, rule=rule, skipped=skipped)
     first_run = f"candidate: {'isolated' if isolated else 'propagated'} run"
     say(first_run)
     sites = _run_candidate(
@@ -391,7 +414,11 @@ def compare(
     return Report(
         sites=sites,
         propagated_sites=prop_sites,
-        reference={"impl": "transformers.SiglipVisionModel", "version": transformers_version(), "attn": attn},
+        reference={
+            "impl": f"transformers.{'Siglip2VisionModel' if naflex else 'SiglipVisionModel'}",
+            "version": transformers_version(),
+            "attn": attn,
+        },
         candidate={**cand_info, "loaded_via": load.via},
         ranges=ranges,
         diagnosis=diagnosis.to_dict() if diagnosis is not None else None,
@@ -403,11 +430,20 @@ def compare(
         tolerance=rule.describe(),
         inputs={
             "batch": int(pixel_values.shape[0]),
+            **(
+                {
+                    "spatial_shapes": pixel_values.spatial_shapes.tolist(),
+                    "max_num_patches": int(pixel_values.shape[1]),
+                    "measured_rows": "real patches only (padding rows are not compared)",
+                }
+                if naflex
+                else {}
+            ),
             "images": [str(p) for p in images] if images else [],
             "processor": (processor or SiglipImageProcessor.for_config(config)).to_dict() if images else None,
             "seed": seed,
-            "height": int(pixel_values.shape[2]),
-            "width": int(pixel_values.shape[3]),
+            "height": None if naflex else int(pixel_values.shape[2]),
+            "width": None if naflex else int(pixel_values.shape[3]),
         },
         missing_keys=load.missing_keys,
         unexpected_keys=load.unexpected_keys,
@@ -452,8 +488,8 @@ def _prepare_candidate(
     rename rules are inferred first (unless the candidate loads through ``load_hf_state_dict``)."""
     inferred: dict[str, Any] = {"parameters": [], "account": ""}
     if candidate is None:
-        ours = SiglipVisionModel.from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
-        info = {"impl": "siglip_scratch.SiglipVisionModel", "version": siglip_scratch.__version__, "attn": attn}
+        ours = _ours(config, state, attn)
+        info = {"impl": f"siglip_scratch.{type(ours).__name__}", "version": siglip_scratch.__version__, "attn": attn}
         return ours, info, LoadResult(via="siglip_scratch.from_state_dict (strict)"), inferred
     spec = candidate if isinstance(candidate, str) else getattr(candidate, "__qualname__", type(candidate).__name__)
     if isinstance(candidate, str):
@@ -478,7 +514,7 @@ def _prepare_candidate(
 
 
 def _record_reference(
-    reference: nn.Module, names: list[str], pixel_values: torch.Tensor
+    reference: nn.Module, names: list[str], pixel_values: ModelInputs
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     prefix = reference_prefix(reference)
     ref_sites = named_sites(reference, lambda n: canonical_name(n, prefix), names)
@@ -496,7 +532,7 @@ def _record_reference(
             ref_out[site] = t
 
     with torch.inference_mode(), hooks(ref_sites, on_input=record_in, on_output=record_out):
-        reference(pixel_values)
+        call(reference, pixel_values)
     missing_ref = [n for n in names if n not in ref_out]
     if missing_ref:
         raise InputError(f"reference did not produce sites {missing_ref}", "reference", "report this")
@@ -506,7 +542,7 @@ def _record_reference(
 def _run_candidate(
     candidate: nn.Module,
     names: list[str],
-    pixel_values: torch.Tensor,
+    pixel_values: ModelInputs,
     *,
     isolated: bool,
     rules: RenameRules,
@@ -523,7 +559,9 @@ def _run_candidate(
     }
 
     def judge(site: str, tensor: torch.Tensor) -> SiteResult:
-        return measure(site, tensor, ref_out[site], truths[site] if truths is not None else None, rule)
+        return measure(
+            site, select(pixel_values, tensor), ref_out[site], truths[site] if truths is not None else None, rule
+        )
 
     def measure_out(site: str, output: Any) -> None:
         if progress is not None:
@@ -610,15 +648,31 @@ def _diagnose(cand, config, state, attn, names, pixel_values, runs, failed: Site
 
     try:
         with torch.inference_mode(), hooks({site: cand_sites[site]}, on_input=on_input, on_output=on_output):
-            cand(pixel_values)
+            call(cand, pixel_values)
     except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
         return None
     if site not in captured:
         return None
-    ours = SiglipVisionModel.from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
+    ours = _ours(config, state, attn)
+    context = naflex_context(pixel_values, config) if isinstance(pixel_values, NaflexInputs) else None
     return diagnose(
-        site, ours.get_submodule(site), ref_in[site], captured[site], runs["ref_out"][site], config, failed.limit
+        site,
+        ours.get_submodule(site),
+        ref_in[site],
+        captured[site],
+        runs["ref_out"][site],
+        config,
+        failed.limit,
+        context,
     )
+
+
+def _ours(config: AnyVisionConfig, state: Mapping[str, torch.Tensor], attn: str) -> nn.Module:
+    """Our encoder for ``config`` on the shared tensors (NaFlex with the installed transformers' arithmetic)."""
+    model = model_class_for(config).from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
+    if isinstance(config, Siglip2VisionConfig):
+        model.set_arithmetic(naflex_arithmetic())
+    return model
 
 
 def _rename(name: str, rules: RenameRules) -> str:

@@ -7,8 +7,10 @@ checkpoint's tensors). A variant whose output reproduces the candidate's within 
 bound (the same bound the candidate failed against the reference) is reported as the likely cause;
 the rest are ranked by how close they came, relative to the candidate's error against the reference.
 
-Adding a variant: write ``def f(module, x, config) -> Tensor`` and add it to ``VARIANTS`` under the
-kind of site it applies to (``norm``, ``attention``, ``mlp``, ``layer``, ``embeddings``, ``head``),
+Adding a variant: write ``def f(module, x, config, ctx) -> Tensor`` (``ctx``: a `Context`, the NaFlex
+padding mask and patch grids, empty for fixed-resolution SigLIP) and add it to ``VARIANTS`` under the
+kind of site it applies to (``norm``, ``attention``, ``mlp``, ``layer``, ``embeddings``, ``head``; the
+``naflex-…`` kinds are added for SigLIP 2 NaFlex sites, whose fixed-resolution embeddings variants do not apply),
 with a description that completes "likely cause: … in <site>". (Head counts depend on the config:
 `_heads_variants` adds them at run time.)
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +28,45 @@ from torch import nn
 
 from siglip_scratch.config import SiglipVisionConfig
 
-__all__ = ["VARIANTS", "Diagnosis", "diagnose", "site_kind"]
+__all__ = ["VARIANTS", "Context", "Diagnosis", "diagnose", "naflex_context", "site_kind"]
 
-Variant = Callable[[nn.Module, torch.Tensor, SiglipVisionConfig], torch.Tensor]
+Variant = Callable[[nn.Module, torch.Tensor, SiglipVisionConfig, "Context"], torch.Tensor]
+
+
+@dataclass
+class Context:
+    """What a site's module needs besides its input. Empty for fixed-resolution SigLIP; for SigLIP 2 NaFlex:
+    which patches are real (``keep`` [B, N]) and each image's patch grid (``spatial_shapes`` [B, 2])."""
+
+    keep: torch.Tensor | None = None
+    spatial_shapes: torch.Tensor | None = None
+
+    def additive(self, dtype: torch.dtype, heads: int | None = None) -> torch.Tensor | None:
+        """The padding mask as an additive bias: [B, 1, 1, N] for self-attention, [B·heads, 1, N] for the head."""
+        if self.keep is None:
+            return None
+        bias = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill(
+            ~self.keep, torch.finfo(dtype).min
+        )
+        if heads is None:
+            return bias[:, None, None, :]
+        return bias[:, None, None, :].repeat(1, heads, 1, 1).reshape(-1, 1, bias.shape[-1])
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The real rows of a [B, N, …] output (what the harness measures)."""
+        if self.keep is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(self.keep.shape):
+            return t[self.keep]
+        return t
+
+
+def naflex_context(inputs: Any, config: Any = None) -> Context:
+    """The context of a NaFlex comparison's inputs (`inputs.NaflexInputs`)."""
+    return Context(keep=inputs.pixel_attention_mask.bool(), spatial_shapes=inputs.spatial_shapes)
 
 
 # -- the variants ---------------------------------------------------------------------------------------
 def _norm(eps: float | None = None, affine: bool = True) -> Variant:
-    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig) -> torch.Tensor:
+    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
         w, b = (m.weight, m.bias) if affine else (None, None)
         return F.layer_norm(x, m.normalized_shape, w, b, m.eps if eps is None else eps)
 
@@ -43,7 +77,7 @@ def _other_gelu(cfg: SiglipVisionConfig) -> str:
     return "none" if cfg.hidden_act == "gelu_pytorch_tanh" else "tanh"
 
 
-def _mlp_other_gelu(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig) -> torch.Tensor:
+def _mlp_other_gelu(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context | None = None) -> torch.Tensor:
     return m.fc2(F.gelu(m.fc1(x), approximate=_other_gelu(cfg)))
 
 
@@ -59,8 +93,9 @@ def _attention(
     heads: int | None = None,
     softmax_dim: int = -1,
     transpose: str | None = None,
+    masked: bool = True,
 ) -> Variant:
-    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig) -> torch.Tensor:
+    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
         B, N, D = x.shape
 
         def proj(name: str) -> torch.Tensor:
@@ -79,16 +114,18 @@ def _attention(
         d = D // h
         q, k, v = (t.view(B, N, h, d).transpose(1, 2) for t in (q, k, v))
         s = {"sqrt": d**-0.5, "d": 1.0 / d, "none": 1.0}[scale]
-        w = torch.softmax((q @ k.transpose(-1, -2)).to(_soft(q)) * s, dim=softmax_dim).to(q.dtype)
+        scores = (q @ k.transpose(-1, -2)).to(_soft(q)) * s
+        bias = ctx.additive(scores.dtype) if masked else None
+        w = torch.softmax(scores if bias is None else scores + bias, dim=softmax_dim).to(q.dtype)
         out = (w @ v).transpose(1, 2).reshape(B, N, D)
         return m.out_proj(out)
 
     return f
 
 
-def _layer(*, attn_residual: bool = True, mlp_residual: bool = True) -> Variant:
-    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig) -> torch.Tensor:
-        a = m.self_attn(m.layer_norm1(x))
+def _layer(*, attn_residual: bool = True, mlp_residual: bool = True, masked: bool = True) -> Variant:
+    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
+        a = m.self_attn(m.layer_norm1(x), ctx.additive(x.dtype) if masked else None)
         h = x + a if attn_residual else a
         y = m.mlp(m.layer_norm2(h))
         return h + y if mlp_residual else y
@@ -97,7 +134,7 @@ def _layer(*, attn_residual: bool = True, mlp_residual: bool = True) -> Variant:
 
 
 def _embeddings(*, positions: bool = True, swap_hw: bool = False) -> Variant:
-    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig) -> torch.Tensor:
+    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
         conv = m.patch_embedding
         w = conv.weight.transpose(-1, -2) if swap_hw else conv.weight
         e = F.conv2d(x.to(w.dtype), w, conv.bias, stride=conv.stride).flatten(2).transpose(1, 2)
@@ -106,8 +143,31 @@ def _embeddings(*, positions: bool = True, swap_hw: bool = False) -> Variant:
     return f
 
 
-def _head(*, order: str = "qkv", mlp_residual: bool = True, other_gelu: bool = False) -> Variant:
-    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig) -> torch.Tensor:
+def _naflex_embeddings(*, mode: str = "bilinear", antialias: bool = True, positions: bool = True) -> Variant:
+    """NaFlex embeddings with the position grid resized another way (per image, through F.interpolate in
+    float32, as transformers 4.57 did), or not added."""
+
+    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
+        e = m.patch_embedding(x.to(m.patch_embedding.weight.dtype))
+        if not positions:
+            return e
+        table = m.position_embedding.weight
+        g, dim = m.grid, table.shape[-1]
+        grid = table.reshape(g, g, dim).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+        pos = torch.empty_like(e)
+        for i, (h, w) in enumerate(ctx.spatial_shapes.tolist()):
+            kw = {} if mode == "nearest" else {"align_corners": False}
+            r = F.interpolate(grid, size=(h, w), mode=mode, antialias=antialias, **kw)
+            r = r.reshape(dim, h * w).transpose(0, 1).to(e.dtype)
+            pos[i, : h * w] = r
+            pos[i, h * w :] = r[0]
+        return e + pos
+
+    return f
+
+
+def _head(*, order: str = "qkv", mlp_residual: bool = True, other_gelu: bool = False, masked: bool = True) -> Variant:
+    def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
         att = m.attention
         D = x.shape[-1]
         w = dict(zip("qkv", att.in_proj_weight.split(D), strict=True))
@@ -120,10 +180,12 @@ def _head(*, order: str = "qkv", mlp_residual: bool = True, other_gelu: bool = F
         h = cfg.num_attention_heads
         d = D // h
         q, k, v = (t.view(t.shape[0], t.shape[1], h, d).transpose(1, 2) for t in (q, k, v))
-        a = torch.softmax((q @ k.transpose(-1, -2)).to(_soft(q)) * d**-0.5, dim=-1).to(q.dtype) @ v
+        scores = (q @ k.transpose(-1, -2)).to(_soft(q)) * d**-0.5
+        bias = ctx.additive(scores.dtype) if masked else None  # [B, 1, 1, N] over the patches
+        a = torch.softmax(scores if bias is None else scores + bias, dim=-1).to(q.dtype) @ v
         a = att.out_proj(a.transpose(1, 2).reshape(x.shape[0], 1, D))
         n = m.layernorm(a)
-        y = _mlp_other_gelu(m.mlp, n, cfg) if other_gelu else m.mlp(n)
+        y = _mlp_other_gelu(m.mlp, n, cfg, ctx) if other_gelu else m.mlp(n)
         return (a + y if mlp_residual else y)[:, 0]
 
     return f
@@ -157,6 +219,17 @@ VARIANTS: dict[str, list[tuple[str, Variant]]] = {
         ("no residual around the attention", _layer(attn_residual=False)),
         ("no residual around the MLP", _layer(mlp_residual=False)),
     ],
+    "naflex-attention": [
+        ("padding not masked in the attention (pixel_attention_mask ignored)", _attention(masked=False))
+    ],
+    "naflex-layer": [("padding not masked in the attention (pixel_attention_mask ignored)", _layer(masked=False))],
+    "naflex-embeddings": [
+        ("position grid resized bicubic instead of bilinear", _naflex_embeddings(mode="bicubic")),
+        ("position grid resized without antialias", _naflex_embeddings(antialias=False)),
+        ("position grid resized bicubic without antialias", _naflex_embeddings(mode="bicubic", antialias=False)),
+        ("position embeddings not added", _naflex_embeddings(positions=False)),
+    ],
+    "naflex-head": [("padding not masked in the MAP head (pixel_attention_mask ignored)", _head(masked=False))],
     "embeddings": [
         ("position embeddings not added", _embeddings(positions=False)),
         ("patch-embedding kernel with H and W swapped", _embeddings(swap_hw=True)),
@@ -222,18 +295,26 @@ def diagnose(
     reference_out: torch.Tensor,
     config: SiglipVisionConfig,
     limit: float | None,
+    context: Context | None = None,
 ) -> Diagnosis:
-    """Rank the variants of ``site`` by how well they reproduce ``candidate_out`` from ``x``."""
+    """Rank the variants of ``site`` by how well they reproduce ``candidate_out`` from ``x``.
+
+    ``reference_out`` is the reference's output as measured (NaFlex: real rows only); ``candidate_out`` and
+    the variants' outputs are reduced the same way through ``context.select``."""
+    ctx = context or Context()
+    naflex = ctx.keep is not None
     kind = site_kind(site)
-    cand = candidate_out.detach().double()
+    cand = ctx.select(candidate_out.detach()).double()
     scale = reference_out.detach().double().pow(2).mean().sqrt().item() or 1.0
     base = (cand - reference_out.detach().double()).pow(2).mean().sqrt().item() / scale
     ranked: list[tuple[str, float, float]] = []
-    library = VARIANTS.get(kind or "", []) + (_heads_variants(config) if kind == "attention" else [])
+    library = [] if naflex and kind == "embeddings" else list(VARIANTS.get(kind or "", []))
+    library += _heads_variants(config) if kind == "attention" else []
+    library += VARIANTS.get(f"naflex-{kind}", []) if naflex else []
     for desc, variant in library:
         try:
             with torch.inference_mode():
-                out = variant(module, x, config)
+                out = ctx.select(variant(module, x, config, ctx))
         except (ValueError, RuntimeError):
             continue  # not applicable at this shape (a head count that does not divide the width)
         if tuple(out.shape) != tuple(cand.shape):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .candidate import forward_candidate
+from .inputs import select
 from .sites import first_tensor
 
 __all__ = ["format_rename_map", "infer_parameter_rules", "infer_site_rules", "rules_to_json"]
@@ -233,7 +234,7 @@ def infer_site_rules(
     candidate: nn.Module,
     sites: Sequence[str],
     ref_out: Mapping[str, torch.Tensor],
-    pixel_values: torch.Tensor,
+    pixel_values: Any,
 ) -> tuple[list[Rule], dict[str, float]]:
     """Rules naming the candidate module of each canonical site (those it lacks by name), found by value.
 
@@ -251,7 +252,7 @@ def infer_site_rules(
         def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
             t = first_tensor(output)
             if t is not None and name not in outputs:
-                outputs[name] = t.detach()
+                outputs[name] = select(pixel_values, t.detach())  # as ref_out is measured (NaFlex: real rows)
 
         handles.append(module.register_forward_hook(hook))
     try:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inputs import ModelInputs, call, select
 from .sites import SiteProgress, first_tensor, hooks, replace_first_tensor
 
 __all__ = ["SiteTruth", "float64_units", "run_oracle", "unit_names"]
@@ -93,7 +94,7 @@ def float64_units(units: Mapping[str, nn.Module]) -> Iterator[None]:
 def run_oracle(
     model: nn.Module,
     sites: Mapping[str, nn.Module],
-    pixel_values: torch.Tensor,
+    pixel_values: ModelInputs,
     ref_out: Mapping[str, torch.Tensor],
     ref_in: Mapping[str, torch.Tensor] | None,
     progress: SiteProgress | None = None,
@@ -103,6 +104,7 @@ def run_oracle(
     Args:
         sites: canonical name -> module of ``model`` for every site to judge (coarse sites included,
             they are the float64 units).
+        ref_out: the reference's site outputs, as measured (NaFlex: real rows only, see `inputs.select`).
         ref_in: the reference's recorded inputs for isolated truth (teacher forcing), or None for
             propagated truth.
         progress: told as each site's truth is reduced (per-group progress lines).
@@ -121,12 +123,12 @@ def run_oracle(
     def reduce(site: str, output: Any) -> None:
         truth = first_tensor(output)
         assert truth is not None and truth.dtype == torch.float64, f"oracle site {site} is not float64"
-        truths[site] = reduce_truth(ref_out[site], truth)
+        truths[site] = reduce_truth(ref_out[site], select(pixel_values, truth))
         if progress is not None:
             progress.done(site)
 
     with torch.inference_mode(), float64_units(units), hooks(sites, on_input=force, on_output=reduce):
-        model(pixel_values.to(torch.float64))
+        call(model, pixel_values.to(dtype=torch.float64))
     return truths
 
 

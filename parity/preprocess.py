@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from siglip_scratch.errors import InputError
-from siglip_scratch.processor import SiglipImageProcessor, to_rgb
+from siglip_scratch.processor import Siglip2ImageProcessor, SiglipImageProcessor, to_rgb
 
 from .candidate import load_candidate_factory
 
@@ -436,27 +436,40 @@ def processor_for_source(
     preset: str | None = None,
     revision: str | None = None,
     config: Any = None,
-) -> SiglipImageProcessor:
+) -> SiglipImageProcessor | Siglip2ImageProcessor:
     """The preprocessing the model was published with: its ``preprocessor_config.json`` when the source has
     one (a folder, a hub repo), else the defaults of its generation at the config's resolution (a preset:
-    SigLIP bicubic, SigLIP 2 bilinear; default base-224). ``config``: the vision config if already known."""
-    from siglip_scratch.config import SiglipVisionConfig
+    SigLIP bicubic, SigLIP 2 bilinear, NaFlex as many patches as its position grid; default base-224).
+    ``config``: the vision config if already known."""
+    from siglip_scratch.config import NAFLEX_PRESETS, Siglip2VisionConfig, get_preset, load_config
+    from siglip_scratch.errors import ConfigError
+    from siglip_scratch.files import read_json
 
+    found: Path | None = None
     if weights is not None:
         folder = Path(weights) if Path(weights).is_dir() else Path(weights).parent
-        if (folder / "preprocessor_config.json").is_file():
-            return SiglipImageProcessor.from_pretrained(folder)
-        return SiglipImageProcessor.for_config(config or SiglipVisionConfig.from_pretrained(folder))
-    if model is not None:
+        found = folder / "preprocessor_config.json" if (folder / "preprocessor_config.json").is_file() else None
+        if config is None:
+            config = load_config(read_json(folder / "config.json", what="config.json", error=ConfigError))
+    elif model is not None:
         from siglip_scratch.hub import PREPROCESSOR_NAME, hub_file
 
         found = hub_file(model, PREPROCESSOR_NAME, revision=revision, optional=True)
+        if config is None:
+            file = hub_file(model, "config.json", revision=revision)
+            config = load_config(read_json(file, what="config.json", error=ConfigError), source=str(file))
+    else:
+        preset = preset or "google/siglip-base-patch16-224"
+        config = get_preset(preset)
+    if isinstance(config, Siglip2VisionConfig):
         if found is not None:
-            return SiglipImageProcessor.from_pretrained(found)
-        return SiglipImageProcessor.for_config(
-            config or SiglipVisionConfig.from_pretrained(hub_file(model, "config.json", revision=revision))
-        )
-    return SiglipImageProcessor.for_preset(preset or "google/siglip-base-patch16-224")
+            return Siglip2ImageProcessor.from_pretrained(found)
+        return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+    if found is not None:
+        return SiglipImageProcessor.from_pretrained(found)
+    if preset is not None and preset not in NAFLEX_PRESETS:
+        return SiglipImageProcessor.for_preset(preset)
+    return SiglipImageProcessor.for_config(config)
 
 
 def load_processor_callable(spec: str) -> Callable[[Image.Image], Any]:

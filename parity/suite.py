@@ -23,13 +23,20 @@ import torch
 from PIL import Image
 
 from siglip_scratch.cli_common import run
+from siglip_scratch.config import NAFLEX_PRESETS
 from siglip_scratch.errors import OutputError, SourceError
 
 from .compare import Weights, compare, resolve_weights
 from .golden import GOLDEN_CASES, run_golden
 from .preprocess import processor_for_source
 
-PRESETS = ("google/siglip-base-patch16-224", "google/siglip-so400m-patch14-384", "google/siglip2-base-patch16-224")
+PRESETS = (
+    "google/siglip-base-patch16-224",
+    "google/siglip-so400m-patch14-384",
+    "google/siglip2-base-patch16-224",
+    "google/siglip2-base-patch16-naflex",
+)
+NAFLEX_BATCH = 3  # NaFlex runs take at least 3 images of different aspect ratios: a padded batch of 3 grids
 # preset -> runs of (dtype, attn, mode, depth, use generated images); "both" = isolated and
 # propagated in one run. so400m-384 costs ~50 s a run on 2 cores (two float64 oracle passes), so it
 # gets the one float32 run and base-224 covers the other dtypes, depths and inputs.
@@ -44,6 +51,8 @@ RUNS = {
     "google/siglip-so400m-patch14-384": (("float32", "sdpa", "both", "fine", False),),
     # SigLIP 2 fixed resolution: the same architecture; the run feeds images through its bilinear processor.
     "google/siglip2-base-patch16-224": (("float32", "sdpa", "both", "coarse", True),),
+    # SigLIP 2 NaFlex: transformers.Siglip2VisionModel as the reference, padding rows not measured.
+    "google/siglip2-base-patch16-naflex": (("float32", "sdpa", "both", "fine", False),),
 }
 DEFAULT_RUNS = RUNS["google/siglip-base-patch16-224"]
 
@@ -89,7 +98,7 @@ def load_weights(preset: str, dtype: str, seed: int) -> Weights:
 
 
 COLUMNS = (
-    ("preset", 24),
+    ("preset", 27),
     ("weights", 9),
     ("dtype", 8),
     ("attn", 5),
@@ -133,7 +142,8 @@ def _cost(preset: str, depth: str) -> float:
     from siglip_scratch.config import get_preset
 
     c = get_preset(preset)
-    return c.num_hidden_layers * c.num_patches * c.hidden_size**2 * (1.2 if depth == "fine" else 1.0)
+    images = NAFLEX_BATCH if preset in NAFLEX_PRESETS else 1
+    return images * c.num_hidden_layers * c.num_patches * c.hidden_size**2 * (1.2 if depth == "fine" else 1.0)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -152,7 +162,7 @@ def _main(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(_row([name for name, _ in COLUMNS]), flush=True)
-    print("-" * 110, flush=True)
+    print("-" * 113, flush=True)
     show = args.progress or sys.stderr.isatty()
     plan = [(p, r) for p in args.presets for r in RUNS.get(p, DEFAULT_RUNS)]
     total_cost = sum(_cost(p, r[3]) for p, r in plan)
@@ -196,7 +206,7 @@ def _main(args: argparse.Namespace) -> int:
                         dtype=dtype,
                         attn=attn,
                         images=images if use_images else None,
-                        batch=args.batch,
+                        batch=max(args.batch, NAFLEX_BATCH) if preset in NAFLEX_PRESETS else args.batch,
                         processor=(
                             processor_for_source(**({"preset": preset} if weights.synthetic else {"model": preset}))
                             if use_images
@@ -214,7 +224,7 @@ def _main(args: argparse.Namespace) -> int:
                         dtype,
                         attn,
                         f"{mode}/{depth}",
-                        "images" if use_images else f"random×{args.batch}",
+                        "images" if use_images else f"random×{report.inputs['batch']}",
                         f"{n_exact}/{len(report.sites)}",
                         f"×{worst:.3g}",
                         f"{time.perf_counter() - t0:.0f}s",

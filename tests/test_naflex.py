@@ -253,3 +253,127 @@ def test_converter_planted_tensor_fails_verify(hf, tmp_path, capsys):
     save_file(state, str(tmp_path / "ok" / "model.safetensors"), metadata={"format": "pt"})
     ok, text = verify_output(tmp_path / "ok")
     assert not ok and "FAIL" in text, text
+
+
+# -- the parity harness on NaFlex ---------------------------------------------------------------------------
+def _weights():
+    from siglip_scratch.parity import Weights
+
+    return Weights(CFG, synthetic_state_dict(CFG, seed=0), "naflex small (seed 0)", synthetic=True)
+
+
+def _planted(plant) -> Siglip2VisionModel:
+    from siglip_scratch.parity.reference import naflex_arithmetic
+
+    model = Siglip2VisionModel.from_state_dict(CFG, _weights().state_dict).set_arithmetic(naflex_arithmetic())
+    plant(model)
+    return model
+
+
+def _resize_with(mode: str, antialias: bool):
+    """A port's position resize: per image through F.interpolate with this mode/antialias (float32)."""
+
+    def plant(model):
+        emb = model.vision_model.embeddings
+
+        def resized(shapes, length):
+            table = emb.position_embedding.weight
+            g, dim = emb.grid, table.shape[-1]
+            grid = table.reshape(g, g, dim).permute(2, 0, 1).unsqueeze(0)
+            out = torch.zeros(len(shapes), length, dim, dtype=table.dtype)
+            for i, (h, w) in enumerate(shapes.tolist()):
+                r = torch.nn.functional.interpolate(
+                    grid, size=(h, w), mode=mode, align_corners=False, antialias=antialias
+                )
+                out[i, : h * w] = r.reshape(dim, h * w).t()
+            return out
+
+        emb.resized_positions = resized
+
+    return plant
+
+
+def _ignore_mask(path: str):
+    def plant(model):
+        module = model.get_submodule(path)
+        forward = module.forward
+        module.forward = lambda x, mask=None: forward(x, None)
+
+    return plant
+
+
+@pytest.mark.parametrize(
+    ("bug", "plant", "site", "cause"),
+    [
+        (
+            "bicubic resize",
+            _resize_with("bicubic", True),
+            "vision_model.embeddings",
+            "position grid resized bicubic instead of bilinear",
+        ),
+        (
+            "no antialias",
+            _resize_with("bilinear", False),
+            "vision_model.embeddings",
+            "position grid resized without antialias",
+        ),
+        (
+            "mask ignored in the head",
+            _ignore_mask("vision_model.head"),
+            "vision_model.head",
+            "padding not masked in the MAP head",
+        ),
+        (
+            "mask ignored in layer 1",
+            _ignore_mask("vision_model.encoder.layers.1.self_attn"),
+            "vision_model.encoder.layers.1.self_attn",
+            "padding not masked in the attention",
+        ),
+    ],
+)
+def test_naflex_planted_bugs_are_caught_and_named(hf, bug, plant, site, cause):
+    from siglip_scratch.parity import compare
+
+    report = compare(weights=_weights(), candidate=_planted(plant), mode="isolated", depth="fine", batch=4)
+    assert not report.passed and report.first_divergent_site == site, report.table()
+    assert report.diagnosis is not None and (report.diagnosis["likely_cause"] or "").startswith(cause), json.dumps(
+        report.diagnosis, indent=1
+    )
+    assert report.reference["impl"] == "transformers.Siglip2VisionModel"
+    assert len({tuple(s) for s in report.inputs["spatial_shapes"]}) == 4  # four different patch grids, one batch
+
+
+def test_naflex_garbage_in_padding_passes_and_leaking_padding_fails(hf):
+    """Padding rows are not measured: a candidate that writes 1e4 into every padding row of every layer
+    passes; one whose attention lets padding into real rows (layer 1 ignores the mask) fails, propagated too."""
+    from siglip_scratch.parity import compare
+
+    def garbage(model):
+        keep = {}
+        model.register_forward_pre_hook(
+            lambda m, a, kw: keep.__setitem__("k", kw["pixel_attention_mask"].bool()), with_kwargs=True
+        )
+        for layer in model.vision_model.encoder.layers:
+            layer.register_forward_hook(lambda m, a, out: out.masked_fill(~keep["k"][..., None], 1e4))
+
+    clean = compare(weights=_weights(), candidate=_planted(garbage), mode="both", depth="fine", batch=4)
+    assert clean.passed, clean.table()
+    leak = compare(
+        weights=_weights(),
+        candidate=_planted(_ignore_mask("vision_model.encoder.layers.1.self_attn")),
+        mode="propagated",
+        batch=4,
+    )
+    assert not leak.passed and leak.first_divergent_site.startswith("vision_model.encoder.layers.1"), leak.table()
+
+
+def test_naflex_ours_passes_in_every_mode_and_dtype(hf):
+    from siglip_scratch.parity import Weights, compare
+
+    for dtype in ("float32", "bfloat16"):
+        w = _weights()
+        if dtype != "float32":
+            w = Weights(CFG, {k: v.to(torch.bfloat16) for k, v in w.state_dict.items()}, w.source, synthetic=True)
+        for mode in ("isolated", "propagated"):
+            report = compare(weights=w, mode=mode, dtype=dtype, batch=3, attn="eager" if mode == "isolated" else "sdpa")
+            assert report.passed, report.table()

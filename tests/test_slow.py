@@ -36,13 +36,13 @@ def test_the_parity_suite_passes(capsys, tmp_path, hf):
     captured = capsys.readouterr()
     out = captured.out
     progress = captured.err.splitlines()
-    assert len(progress) == 7 and "1/7 " in progress[0] and all("ETA" in line for line in progress[1:]), progress
+    assert len(progress) == 8 and "1/8 " in progress[0] and all("ETA" in line for line in progress[1:]), progress
     assert rc == 0, out
     assert "golden fingerprints hold" in out, out
     rows = [line for line in out.splitlines() if line.startswith(("siglip-", "siglip2-")) and " both/" in line]
-    assert len(rows) == 7 and all((" synthetic " in r or " real " in r) for r in rows), out
+    assert len(rows) == 8 and all((" synthetic " in r or " real " in r) for r in rows), out
     runs = json.loads((tmp_path / "reports" / "suite.json").read_text())
-    assert runs["passed"] is True and len(runs["runs"]) == 7
+    assert runs["passed"] is True and len(runs["runs"]) == 8
     assert all(r["report"]["passed"] for r in runs["runs"])
     assert (tmp_path / "reports" / "suite.md").read_text().startswith("# make parity: PASS")
     assert f"reports: {tmp_path / 'reports' / 'suite.json'}" in out

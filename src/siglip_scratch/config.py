@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .files import read_json
 
 __all__ = [
+    "NAFLEX_PRESETS",
     "PRESETS",
     "SIGLIP2_PRESETS",
     "SUPPORTED_ACTIVATIONS",
@@ -350,6 +351,12 @@ SIGLIP2_PRESETS: dict[str, SiglipVisionConfig] = {
 }
 PRESETS.update(SIGLIP2_PRESETS)
 
+# SigLIP 2 NaFlex: a 16x16 learned position grid, resized per image; patch 16.
+NAFLEX_PRESETS: dict[str, Siglip2VisionConfig] = {
+    "google/siglip2-base-patch16-naflex": Siglip2VisionConfig(),
+    "google/siglip2-so400m-patch16-naflex": Siglip2VisionConfig(**_SO400M),
+}
+
 # The text tower's vocabulary tells the generations apart when a config.json has one: SigLIP 2 uses
 # Gemma's tokenizer (256000), SigLIP English 32000 and multilingual/i18n 250000.
 SIGLIP2_VOCAB_SIZE = 256000
@@ -389,9 +396,12 @@ TINY_CONFIG = SiglipVisionConfig(
 )
 
 
-def get_preset(hub_id: str) -> SiglipVisionConfig:
-    """The config of a known hub checkpoint, by exact id."""
+def get_preset(hub_id: str) -> AnyVisionConfig:
+    """The config of a known hub checkpoint, by exact id (a `Siglip2VisionConfig` for the NaFlex ones)."""
+    if hub_id in NAFLEX_PRESETS:
+        return NAFLEX_PRESETS[hub_id]
     try:
         return PRESETS[hub_id]
     except KeyError:
-        raise ConfigError(f"unknown preset {hub_id!r}", "preset", f"use one of: {', '.join(sorted(PRESETS))}") from None
+        known = sorted([*PRESETS, *NAFLEX_PRESETS])
+        raise ConfigError(f"unknown preset {hub_id!r}", "preset", f"use one of: {', '.join(known)}") from None

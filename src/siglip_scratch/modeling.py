@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .checkpoint import check_state_shapes, index_checkpoint, load_tensors, map_vision_keys
-from .config import Siglip2VisionConfig, SiglipVisionConfig
-from .errors import InputError, SourceError
+from .config import Siglip2VisionConfig, SiglipVisionConfig, load_config
+from .errors import ConfigError, InputError, SourceError
+from .files import read_json
 from .model import (
     ATTN_IMPLEMENTATIONS,
     AttnImplementation,
@@ -255,7 +256,7 @@ def load_vision_state_dict(
     *,
     config: Any = None,
     revision: str | None = None,
-    config_class: type = SiglipVisionConfig,
+    config_class: type | None = SiglipVisionConfig,
 ) -> tuple[Any, dict[str, torch.Tensor], str]:
     """Read a checkpoint's vision tower strictly, without building a model.
 
@@ -264,7 +265,12 @@ def load_vision_state_dict(
         Only vision tensors are read; every key and shape is checked against the config first.
     """
     folder, weights = _resolve(path, revision)
-    if config is None:
+    if config is None and config_class is None:  # whichever tower the config.json describes
+        file = folder / "config.json"
+        config = load_config(
+            read_json(file, what="config.json", error=ConfigError, missing_fix="pass a model folder"), source=str(file)
+        )
+    elif config is None:
         config = config_class.from_pretrained(folder)
     infos = index_checkpoint(weights, vision_only=True)
     mapping, _dropped, unmatched = map_vision_keys(infos)
