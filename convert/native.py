@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # -- big_vision (models/vit.py): NHWC images, DenseGeneral kernels --------------------------------------
 def big_vision(get: Get, config: SiglipVisionConfig, pixels: torch.Tensor) -> dict[str, Leaf]:
     leaves: dict[str, Leaf] = {}
-    eps = config.layer_norm_eps
     x_nhwc = pixels.permute(0, 2, 3, 1)
     B, H, W, C = x_nhwc.shape
     p = config.patch_size
@@ -73,6 +73,31 @@ def big_vision(get: Get, config: SiglipVisionConfig, pixels: torch.Tensor) -> di
     )
     x = conv.reshape(B, -1, conv.shape[-1]) + get("pos_embedding")[0]
     leaves["vision_model.embeddings"] = Leaf((pixels,), x, ("embedding/kernel", "pos_embedding"))
+    return _big_vision_encoder(get, config, x, leaves)
+
+
+def big_vision_naflex(get: Get, config: Any, pixels: torch.Tensor) -> dict[str, Leaf]:
+    """naflex_vit.py: a Dense stem over flattened patches ([B, N, p·p·C], (row, column, channel) order)
+    plus the (n, n, D) position grid resized to the image's patch grid. ``pixels`` is one n x n grid of
+    patches (no padding), so the resize is the identity and the grid is read row-major as it is stored;
+    the resize itself is checked against transformers elsewhere (tests/test_naflex.py)."""
+    leaves: dict[str, Leaf] = {}
+    B, N, _ = pixels.shape
+    grid = get("pos_embedding")  # (n, n, D)
+    n = grid.shape[0]
+    assert N == n * n, "big_vision_naflex is run on one full n x n grid of patches"
+    tokens = pixels @ get("embedding/kernel") + get("embedding/bias")  # Dense: kernel (p·p·C, D)
+    leaves["vision_model.embeddings.patch_embedding"] = Leaf((pixels,), tokens, ("embedding/kernel", "embedding/bias"))
+    x = tokens + grid.reshape(n * n, -1)[None]
+    shapes = torch.tensor([[n, n]] * B)
+    leaves["vision_model.embeddings"] = Leaf((pixels, shapes), x, ("embedding/kernel", "pos_embedding"))
+    return _big_vision_encoder(get, config, x, leaves)
+
+
+def _big_vision_encoder(get: Get, config: Any, x: torch.Tensor, leaves: dict[str, Leaf]) -> dict[str, Leaf]:
+    """The encoder blocks, final norm and MAP head, from big_vision's own key names and einsums."""
+    eps = config.layer_norm_eps
+    B = x.shape[0]
 
     def norm(site: str, src: str, h: torch.Tensor) -> torch.Tensor:
         out = _layer_norm(h, get(src + "scale"), get(src + "bias"), eps)
@@ -182,7 +207,8 @@ def timm(get: Get, config: SiglipVisionConfig, pixels: torch.Tensor) -> dict[str
     return leaves
 
 
-NATIVE_FORWARDS: dict[str, Callable[[Get, SiglipVisionConfig, torch.Tensor], dict[str, Leaf]]] = {
+NATIVE_FORWARDS: dict[str, Callable[[Get, Any, torch.Tensor], dict[str, Leaf]]] = {
     "big_vision": big_vision,
+    "big_vision_naflex": big_vision_naflex,
     "timm": timm,
 }

@@ -43,7 +43,7 @@ from siglip_scratch.modeling import expected_shapes
 from siglip_scratch.processor import BICUBIC, BILINEAR, Siglip2ImageProcessor, SiglipImageProcessor
 
 from .stores import NpzStore, SafetensorsStore, Store, TorchPickleStore
-from .tables import BIG_VISION_TABLE, TIMM_TABLE, Row
+from .tables import BIG_VISION_NAFLEX_TABLE, BIG_VISION_TABLE, TIMM_TABLE, Row
 
 __all__ = ["InputFile", "Plan", "Planned", "plan_conversion"]
 
@@ -203,8 +203,26 @@ def _plan(
     if isinstance(store, NpzStore):
         family = "big_vision"
         layout, rows, root, drops, notes = _npz_layout(keys, str(weights))
+        if len(store.shape(root + "embedding/kernel")) == 2:  # a Dense over flattened patches: NaFlex
+            family, rows, layout = (
+                "big_vision_naflex",
+                BIG_VISION_NAFLEX_TABLE,
+                layout.replace("SigLIP", "SigLIP 2 NaFlex"),
+            )
+            extra = sorted(k for k in keys if k.startswith((root + "patchln_pre/", root + "patchln_post/")))
+            if extra:
+                raise CheckpointError(
+                    f"this NaFlex ViT normalises its patches ({extra[0]}), which transformers' Siglip2VisionModel "
+                    "has no layer for",
+                    str(weights),
+                    "only SigLIP 2 NaFlex checkpoints (no patchln_pre/patchln_post) convert",
+                )
         planned, used = _apply_table(rows, store, root, keys, use_head=not no_head)
-        inferred = _infer_config(store, root, "npz", None, notes) if override is None else None
+        if override is None:
+            infer = _infer_naflex_config if family == "big_vision_naflex" else _infer_config
+            inferred = infer(store, root, "npz", None, notes)
+        else:
+            inferred = None
     elif _looks_timm(keys):
         family = "timm"
         timm_config = _timm_config(folder)
@@ -549,6 +567,35 @@ def _shape(store: Store, key: str, rank: int) -> tuple[int, ...]:
     if len(shape) != rank:
         raise CheckpointError(f"expected a rank-{rank} tensor, got shape {list(shape)}", store.where(key), None)
     return shape
+
+
+def _infer_naflex_config(
+    store: Store, root: str, kind: str, stated_size: int | None, notes: list[str]
+) -> Siglip2VisionConfig:
+    """A big_vision NaFlex tower's config from its shapes: the Dense stem's input is p·p·3 (RGB), the
+    position grid is n x n."""
+    keys = set(store.keys())
+    patch_dim, d = _shape(store, root + "embedding/kernel", 2)
+    n, n2, _ = _shape(store, root + "pos_embedding", 3)
+    p = math.isqrt(patch_dim // 3)
+    if p * p * 3 != patch_dim or n != n2:
+        raise ConfigError(
+            f"NaFlex stem input {patch_dim} is not p·p·3, or the position grid {n}x{n2} is not square",
+            store.where(root + "embedding/kernel"),
+            "pass --config with a Siglip2VisionConfig JSON",
+        )
+    notes.append(f"SigLIP 2 NaFlex: patch {p} (a {patch_dim}-wide Dense stem), a {n}x{n} position grid")
+    return Siglip2VisionConfig(
+        hidden_size=d,
+        intermediate_size=_shape(store, root + "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", 2)[1],
+        num_hidden_layers=_layer_count(list(keys), root),
+        num_attention_heads=_shape(
+            store, root + "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel", 3
+        )[1],
+        patch_size=p,
+        num_patches=n * n,
+        vision_use_head=root + "MAPHead_0/probe" in keys,
+    )
 
 
 def _infer_config(store: Store, root: str, kind: str, stated_size: int | None, notes: list[str]) -> SiglipVisionConfig:

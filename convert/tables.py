@@ -7,6 +7,9 @@ feeds q, k and v). The converter checks that every source key is used and every 
 Layouts (one comment per change, as both sides see it):
 
 - big_vision conv kernel HWIO ``(p, p, C, D)`` -> torch OIHW ``(D, C, p, p)``.
+- big_vision NaFlex: the patch embedding is a Dense over a flattened patch, kernel ``(p·p·C, D)`` (the
+  patch's values in (row, column, channel) order, as the NaFlex processors flatten it) -> ``(D, p·p·C)``;
+  the position table is a grid ``(n, n, D)`` -> ``(n·n, D)`` row-major.
 - big_vision q/k/v kernel ``(D, heads, head_dim)`` -> ``(D, D)`` then transposed to torch's
   ``(out, in)``; their biases ``(heads, head_dim)`` -> ``(D,)``.
 - big_vision attention out kernel ``(heads, head_dim, D)`` -> ``(D, D)`` (in, out) -> transposed.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BIG_VISION_TABLE", "TIMM_TABLE", "Row", "Transform"]
+__all__ = ["BIG_VISION_NAFLEX_TABLE", "BIG_VISION_TABLE", "TIMM_TABLE", "Row", "Transform"]
 
 Transform = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -179,4 +182,17 @@ TIMM_TABLE: list[Row] = [
     Row("vision_model.head.mlp.fc1.bias", ("attn_pool.mlp.fc1.bias",), None, head=True),
     Row("vision_model.head.mlp.fc2.weight", ("attn_pool.mlp.fc2.weight",), None, head=True),
     Row("vision_model.head.mlp.fc2.bias", ("attn_pool.mlp.fc2.bias",), None, head=True),
+]
+
+
+def _grid_to_table(x: torch.Tensor) -> torch.Tensor:  # (n, n, D) -> (n·n, D), row-major
+    return x.reshape(-1, x.shape[-1])
+
+
+# big_vision NaFlex (naflex_vit.py): the encoder and the MAP head are laid out as above; only the stem differs.
+BIG_VISION_NAFLEX_TABLE: list[Row] = [
+    Row("vision_model.embeddings.patch_embedding.weight", ("embedding/kernel",), DENSE),
+    Row("vision_model.embeddings.patch_embedding.bias", ("embedding/bias",), None),
+    Row("vision_model.embeddings.position_embedding.weight", ("pos_embedding",), _one(_grid_to_table)),
+    *(r for r in BIG_VISION_TABLE if not r.target.startswith("vision_model.embeddings.")),
 ]

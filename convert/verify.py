@@ -62,10 +62,17 @@ def check_against_source(folder: Path, plan: Plan, out_dtype: torch.dtype | None
 
 
 def _check_native(folder: Path, plan: Plan, source) -> tuple[bool, list[str]]:
-    model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float64).eval()
-    cfg = model.config
     g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(1, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float64) * 2 - 1
+    if plan.family == "big_vision_naflex":  # one full grid of flattened patches (see native.big_vision_naflex)
+        model = Siglip2VisionModel.from_pretrained(folder, dtype=torch.float64).eval()
+        cfg = model.config
+        pixels = torch.rand(1, cfg.num_patches, cfg.patch_dim, generator=g, dtype=torch.float64) * 2 - 1
+    else:
+        model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float64).eval()
+        cfg = model.config
+        pixels = (
+            torch.rand(1, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float64) * 2 - 1
+        )
     with torch.no_grad():
         leaves = NATIVE_FORWARDS[plan.family](source, cfg, pixels)
         failures = []

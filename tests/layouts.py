@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -48,10 +49,15 @@ def to_big_vision(
 ) -> dict[str, np.ndarray]:
     D, H = config.hidden_size, config.num_attention_heads
     hd = D // H
+    naflex = hasattr(config, "num_patches") and not hasattr(config, "image_size")  # a Siglip2VisionConfig
+    table = state[V + "embeddings.position_embedding.weight"]
     out: dict[str, torch.Tensor] = {
-        "embedding/kernel": state[V + "embeddings.patch_embedding.weight"].permute(2, 3, 1, 0),  # OIHW -> HWIO
+        # naflex_vit.py: a Dense stem (p·p·C, D) and an (n, n, D) grid; vit.py: HWIO conv, (1, N, D) table
+        "embedding/kernel": state[V + "embeddings.patch_embedding.weight"].t()
+        if naflex
+        else state[V + "embeddings.patch_embedding.weight"].permute(2, 3, 1, 0),
         "embedding/bias": state[V + "embeddings.patch_embedding.bias"],
-        "pos_embedding": state[V + "embeddings.position_embedding.weight"][None],  # (N, D) -> (1, N, D)
+        "pos_embedding": table.reshape(math.isqrt(table.shape[0]), -1, table.shape[1]) if naflex else table[None],
         "Transformer/encoder_norm/scale": state[V + "post_layernorm.weight"],
         "Transformer/encoder_norm/bias": state[V + "post_layernorm.bias"],
     }

@@ -377,3 +377,48 @@ def test_naflex_ours_passes_in_every_mode_and_dtype(hf):
         for mode in ("isolated", "propagated"):
             report = compare(weights=w, mode=mode, dtype=dtype, batch=3, attn="eager" if mode == "isolated" else "sdpa")
             assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("scanned", [False, True], ids=["blocks", "scanned"])
+def test_big_vision_naflex_npz_converts_and_verifies(hf, tmp_path, capsys, scanned):
+    """naflex_vit.py's layout (public in big_vision; no installable software writes it, so written here from
+    its parameter shapes): a Dense stem (p·p·3, D) and an (n, n, D) position grid. The output loads in
+    transformers.Siglip2VisionModel and equals the tower the arrays were made from, bit for bit."""
+    from siglip_scratch.convert.cli import main as convert_main
+
+    from .layouts import to_big_vision
+
+    state = synthetic_state_dict(CFG, seed=5)
+    extra = {"txt/Encoder_0/encoder_norm/scale": np.ones(4, np.float32), "t": np.ones(1), "b": np.ones(1)}
+    np.savez(tmp_path / "naflex.npz", **to_big_vision(state, CFG, scanned=scanned, extra=extra))
+    assert convert_main([str(tmp_path / "naflex.npz"), str(tmp_path / "out"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "big_vision_naflex computed natively" in out and "PASS (max |Δ| 0" in out, out
+    assert Siglip2VisionConfig.from_pretrained(tmp_path / "out") == CFG
+    want = Siglip2VisionModel.from_state_dict(CFG, state).set_arithmetic(_arithmetic(hf))
+    got = Siglip2VisionModel.from_pretrained(tmp_path / "out").set_arithmetic(_arithmetic(hf))
+    inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)(_images())
+    with torch.inference_mode():
+        assert_exact(got(**inputs).pooler_output, want(**inputs).pooler_output, "converted big_vision NaFlex tower")
+
+
+def test_big_vision_naflex_wrong_table_row_fails_verify(hf, tmp_path, capsys, monkeypatch):
+    """--verify computes the source natively: a converter row that reads the position grid column-major
+    (a plausible port bug) produces a loadable folder, and verify names the position embedding."""
+    from siglip_scratch.convert import sources, tables
+    from siglip_scratch.convert.cli import main as convert_main
+
+    from .layouts import to_big_vision
+
+    state = synthetic_state_dict(CFG, seed=5)
+    np.savez(tmp_path / "naflex.npz", **to_big_vision(state, CFG))
+    bad = [
+        tables.Row(r.target, r.sources, tables._one(lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])))
+        if r.target.endswith("position_embedding.weight")
+        else r
+        for r in tables.BIG_VISION_NAFLEX_TABLE
+    ]
+    monkeypatch.setattr(sources, "BIG_VISION_NAFLEX_TABLE", bad)
+    assert convert_main([str(tmp_path / "naflex.npz"), str(tmp_path / "out"), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "position_embedding" in out, out
