@@ -26,6 +26,7 @@ from siglip_scratch import (
 )
 from siglip_scratch.modeling import synthetic_state_dict
 
+from .catalogue import covers
 from .conftest import assert_exact, max_abs
 
 # Structure-true, small: head_dim 16, patch 8 (192 values a patch), an 8x8 position table resized per image.
@@ -174,6 +175,7 @@ def test_our_save_is_what_transformers_loads(hf, tmp_path):
         assert_exact(ours(**inputs).pooler_output, theirs.eval()(**inputs).pooler_output, "pooled after our save")
 
 
+@covers("I13")
 def test_bad_inputs_are_one_line_errors():
     model = Siglip2VisionModel.from_config(CFG, seed=0)
     inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)(_images()[:2])
@@ -190,6 +192,7 @@ def test_bad_inputs_are_one_line_errors():
             model(**kwargs)
 
 
+@covers("C11")
 def test_the_two_towers_keep_their_configs_apart():
     with pytest.raises(ConfigError, match="load it with Siglip2VisionModel"):
         SiglipVisionConfig.from_dict({"model_type": "siglip2_vision_model"})
@@ -422,3 +425,33 @@ def test_big_vision_naflex_wrong_table_row_fails_verify(hf, tmp_path, capsys, mo
     assert convert_main([str(tmp_path / "naflex.npz"), str(tmp_path / "out"), "--verify"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "position_embedding" in out, out
+
+
+@covers("C12")
+def test_big_vision_naflex_with_patch_layernorms_is_refused(tmp_path, capsys):
+    from siglip_scratch.convert.cli import main as convert_main
+
+    from .layouts import to_big_vision
+
+    arrays = to_big_vision(synthetic_state_dict(CFG, seed=5), CFG)
+    arrays["img/patchln_pre/scale"] = np.ones(CFG.patch_dim, np.float32)
+    np.savez(tmp_path / "naflex.npz", **arrays)
+    assert convert_main([str(tmp_path / "naflex.npz"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "normalises its patches (img/patchln_pre/scale)" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@covers("P14")
+def test_candidate_processor_refuses_naflex_in_one_line(hf, capsys):
+    from siglip_scratch.parity.cli import main as parity_main
+
+    argv = [
+        "--preset",
+        "google/siglip2-base-patch16-naflex",
+        "--candidate-processor",
+        "tests/processor_ports.py:faithful",
+    ]
+    assert parity_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "judges fixed-resolution processors" in err and len(err.strip().splitlines()) == 1, err

@@ -138,7 +138,9 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+        normed = self.layer_norm1(hidden_states)
+        attended = self.self_attn(normed) if attention_mask is None else self.self_attn(normed, attention_mask)
+        hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -157,7 +159,8 @@ class SiglipEncoder(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask)
+            # The mask only when there is one: a fixed-resolution layer is called as it always was.
+            hidden_states = layer(hidden_states) if attention_mask is None else layer(hidden_states, attention_mask)
             if states is not None:
                 states.append(hidden_states)
         return hidden_states, (tuple(states) if states is not None else None)
@@ -183,7 +186,11 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask`` (SigLIP 2 NaFlex): additive [B·heads, 1, N] over the patches, or None."""
         B = hidden_states.shape[0]
-        pooled = self.attention(self.probe.repeat(B, 1, 1), hidden_states, attention_mask)
+        probe = self.probe.repeat(B, 1, 1)
+        if attention_mask is None:
+            pooled = self.attention(probe, hidden_states)
+        else:
+            pooled = self.attention(probe, hidden_states, attention_mask)
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 
