@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
     src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
     src.add_argument("--revision", help="hub revision for --model")
-    src.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and random pixels (default 0)")
+    src.add_argument("--seed", type=int, default=None, help="seed for synthetic weights and random pixels (default 0)")
 
     cand = p.add_argument_group("candidate")
     cand.add_argument(
@@ -49,6 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
         "Without it, any parameter the checkpoint did not fill fails the run",
     )
 
+    cand.add_argument(
+        "--candidate-activations",
+        metavar="FILE",
+        help="a port's outputs per site (.safetensors or .npz, keys isolated/<site> and propagated/<site>), "
+        "computed on the inputs `siglip-parity export-inputs` wrote; judged like a PyTorch candidate "
+        "(default: not used)",
+    )
+    cand.add_argument(
+        "--inputs",
+        metavar="DIR",
+        help="the export-inputs folder the activations were computed on (default: the activations file's folder)",
+    )
+    cand.add_argument(
+        "--layout",
+        metavar="REGEX=TRANSFORM",
+        action="append",
+        default=[],
+        help="declare a layout difference for the sites REGEX matches, TRANSFORM one of add_batch ([N, D] -> "
+        "[1, N, D]), nhwc_tokens ([B, h, w, D]), nchw_tokens ([B, D, h, w]), bdn_to_bnd ([B, D, N]); repeatable "
+        "(default: none, the file follows the site contract)",
+    )
     cand.add_argument(
         "--candidate-processor",
         metavar="MODULE:FN",
@@ -81,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "post_layernorm, head; coarse: without the sub-layer sites (less memory, but a sub-layer bug can hide "
         "in the residual stream)",
     )
-    run.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
+    run.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or float64 (default float32; with --candidate-activations, the export's)",
+    )
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument(
         "--attn",
@@ -90,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the reference's attention implementation, and ours when we are the candidate (default sdpa)",
     )
     run.add_argument("--images", nargs="+", metavar="FILE", help="images through our image processor")
-    run.add_argument("--batch", type=int, default=2, help="random images when --images is not given (default 2)")
+    run.add_argument("--batch", type=int, default=None, help="random images when --images is not given (default 2)")
     run.add_argument(
         "--atol",
         type=float,
@@ -139,11 +164,43 @@ def build_inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="siglip-parity export-inputs",
+        description="Write the comparison's inputs for a port in another framework: inputs.safetensors "
+        "(pixel_values, and input.<site>: the reference's input to every site, for isolated mode), "
+        "manifest.json and, for synthetic weights, weights.safetensors. Run the port on them, save its outputs "
+        "per site, then judge them with siglip-parity --candidate-activations FILE.",
+        epilog="Exit codes: 0 written, 2 usage or input error, 3 internal error.",
+    )
+    p.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    src = p.add_argument_group("weights (at most one; default: synthetic google/siglip-base-patch16-224)")
+    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
+    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
+    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
+    src.add_argument("--revision", help="hub revision for --model")
+    src.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and random pixels (default 0)")
+    p.add_argument("--images", nargs="+", metavar="FILE", help="images through the model's processor (default: random)")
+    p.add_argument("--batch", type=int, default=2, help="random images when --images is not given (default 2)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
+    p.add_argument(
+        "--with-weights",
+        action="store_true",
+        help="also write weights.safetensors for real weights (default: only for synthetic ones, which a port "
+        "cannot get elsewhere)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
         args = parse(build_inspect_parser(), argv[1:])
         return args if isinstance(args, int) else run(_inspect, args)
+    if argv[:1] == ["export-inputs"]:
+        args = parse(build_export_parser(), argv[1:])
+        return args if isinstance(args, int) else run(_export, args)
     args = parse(build_parser(), argv)
     return args if isinstance(args, int) else run(_main, args)
 
@@ -175,6 +232,39 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    from siglip_scratch.errors import InputError
+
+    from .activations import export_inputs
+    from .compare import dtype_name
+
+    if sum(bool(v) for v in (args.weights, args.model, args.preset)) > 1:
+        raise InputError("give at most one of --weights, --model, --preset", "weights", None)
+    target = Path(args.dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OutputError("exists and is not an empty folder", args.dir, "give a new or empty folder")
+    if not target.resolve().parent.is_dir():
+        raise OutputError("parent folder does not exist", args.dir, "create it first")
+    out = export_inputs(
+        target,
+        weights=args.weights,
+        model=args.model,
+        preset=args.preset,
+        seed=args.seed,
+        batch=args.batch,
+        images=args.images,
+        dtype=dtype_name(args.dtype),
+        revision=args.revision,
+        with_weights=True if args.with_weights else None,
+    )
+    print(
+        f"wrote {out}: inputs.safetensors, manifest.json"
+        + (", weights.safetensors" if (out / "weights.safetensors").exists() else "")
+    )
+    print(f"next: run your port on them, then siglip-parity --candidate-activations YOUR_FILE --inputs {out}")
+    return EXIT_OK
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
     """Flags that would be silently ignored are usage errors, raised before any work."""
     from siglip_scratch.errors import InputError
@@ -197,9 +287,44 @@ def _check_combinations(args: argparse.Namespace) -> None:
                 "golden",
                 "drop them (only --preset selects a golden case)",
             )
-    if args.rename and not args.candidate:
+    if args.candidate_activations:
+        clash = [
+            f
+            for f, v in (
+                ("--candidate", args.candidate),
+                ("--allow-unloaded", args.allow_unloaded),
+                ("--images", args.images),
+                ("--batch", args.batch),
+                ("--seed", args.seed),
+                ("--dtype", args.dtype),
+                ("--candidate-processor", args.candidate_processor),
+            )
+            if v not in (None, [], False)
+        ]
+        if clash:
+            raise InputError(
+                f"--candidate-activations judges the export's inputs, weights and dtype; {', '.join(clash)} would be ignored",
+                "--candidate-activations",
+                "drop them (export-inputs takes --images/--batch/--seed/--dtype)",
+            )
+    for flag, value in (("--inputs", args.inputs), ("--layout", args.layout)):
+        if value and not args.candidate_activations:
+            raise InputError(
+                f"{flag} applies to --candidate-activations, which was not given",
+                flag,
+                "add --candidate-activations FILE",
+            )
+    from .activations import TRANSFORMS
+
+    for spec in args.layout:
+        _, sep, name = spec.rpartition("=")
+        if not sep or name not in TRANSFORMS:
+            raise InputError(
+                f"--layout {spec!r} is not REGEX=TRANSFORM", "--layout", f"TRANSFORM is one of {', '.join(TRANSFORMS)}"
+            )
+    if args.rename and not (args.candidate or args.candidate_activations):
         raise InputError(
-            "--rename renames a candidate's modules, but no --candidate was given",
+            "--rename renames a candidate's modules, but no --candidate (or --candidate-activations) was given",
             "--rename",
             "add --candidate module:factory",
         )
@@ -235,6 +360,11 @@ def _main(args: argparse.Namespace) -> int:
     from .compare import check_device, compare
 
     check_device(args.device)  # before any weights are read
+    if args.candidate_activations:
+        return _judge_activations(args)
+    args.batch = 2 if args.batch is None else args.batch
+    args.seed = 0 if args.seed is None else args.seed
+    args.dtype = "float32" if args.dtype is None else args.dtype
     pre = _check_processor(args) if args.candidate_processor else None
     if pre is not None and not args.candidate:  # the processor alone is what is being judged
         print(pre.verdict if args.quiet else pre.table())
@@ -289,6 +419,52 @@ def _main(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(args.plot)
     return EXIT_OK if report.passed and (pre is None or pre.passed) else EXIT_FAIL
+
+
+def _judge_activations(args: argparse.Namespace) -> int:
+    import re
+
+    from .activations import judge_activations
+    from .candidate import load_rename_map
+
+    layouts = []
+    for spec in args.layout:
+        pattern, _, name = spec.rpartition("=")
+        try:
+            layouts.append((re.compile(pattern), name))
+        except re.error as exc:
+            from siglip_scratch.errors import InputError
+
+            raise InputError(
+                f"--layout pattern {pattern!r} does not compile ({exc})", "--layout", "fix the regex"
+            ) from None
+    report = judge_activations(
+        args.candidate_activations,
+        inputs_dir=args.inputs,
+        mode=args.mode,
+        depth=args.depth,
+        rename=load_rename_map(args.rename) if args.rename else (),
+        layouts=layouts,
+        weights=args.weights,
+        model=args.model,
+        preset=args.preset,
+        revision=args.revision,
+        skip_sites=args.skip_site,
+        atol=args.atol,
+        rtol=args.rtol,
+        progress=_progress_printer(args),
+    )
+    return _emit(args, report)
+
+
+def _emit(args: argparse.Namespace, report) -> int:
+    print(report.verdict if args.quiet else report.table())
+    for target, text in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
+        if target:
+            _write(target, text())
+    if args.plot:
+        report.plot(args.plot)
+    return EXIT_OK if report.passed else EXIT_FAIL
 
 
 def _check_processor(args: argparse.Namespace):

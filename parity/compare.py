@@ -369,8 +369,11 @@ def compare(
                 "value); `siglip-parity inspect` shows them and --write-rename saves them"
             )
     runs = dict(rules=rules, ref_in=ref_in, ref_out=ref_sel, rule=rule, skipped=skipped)
+    set_run_mode = getattr(cand, "set_run_mode", None)  # an ActivationCandidate replays one mode at a time
+    set_run_mode = set_run_mode if callable(set_run_mode) else (lambda mode: None)
     first_run = f"candidate: {'isolated' if isolated else 'propagated'} run"
     say(first_run)
+    set_run_mode("isolated" if isolated else "propagated")
     sites = _run_candidate(
         cand,
         names,
@@ -382,6 +385,7 @@ def compare(
     )
     if mode == "both":
         say("candidate: propagated run")
+        set_run_mode("propagated")
     prop_sites = (
         _run_candidate(
             cand,
@@ -401,6 +405,7 @@ def compare(
     first_fail = next((r for r in sites if r.status == "fail"), None) if isolated else None
     if first_fail is not None and first_fail.name in ref_in:
         say(f"diagnosis: known-bug variants at {first_fail.name}")
+        set_run_mode("isolated")
         diagnosis = _diagnose(cand, config, w.state_dict, attn, names, pixel_values, runs, first_fail)
 
     # 3. Did the candidate change what the reference ran on?
@@ -487,6 +492,15 @@ def _prepare_candidate(
     """Build (or take) the candidate and load the shared weights into it. With ``infer``, parameter
     rename rules are inferred first (unless the candidate loads through ``load_hf_state_dict``)."""
     inferred: dict[str, Any] = {"parameters": [], "account": ""}
+    from .activations import ActivationCandidate
+
+    if isinstance(candidate, ActivationCandidate):  # stored outputs of a port in another framework: no weights
+        return (
+            candidate,
+            dict(candidate.info),
+            LoadResult(via="activations file (the port loaded its own weights)"),
+            inferred,
+        )
     if candidate is None:
         ours = _ours(config, state, attn)
         info = {"impl": f"siglip_scratch.{type(ours).__name__}", "version": siglip_scratch.__version__, "attn": attn}

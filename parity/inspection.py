@@ -87,6 +87,7 @@ def inspect_candidate(
 ) -> Inspection:
     """Load the weights into the candidate as `compare` does, and say what meets what (see module doc)."""
     from .compare import _prepare_candidate, _record_reference, make_pixels, resolve_weights
+    from .inputs import select
     from .reference import build_reference
 
     given = as_rename_rules(rename)
@@ -97,6 +98,7 @@ def inspect_candidate(
     names = site_names(config, "fine")
     pixels = make_pixels(config, batch=1, seed=seed)
     _, ref_out = _record_reference(build_reference(config, w.state_dict), names, pixels)
+    ref_out = {k: select(pixels, v) for k, v in ref_out.items()}  # as measured (NaFlex: real rows only)
     infer = rename is None
     cand, _, load, inferred = _prepare_candidate(candidate, config, w.state_dict, given, "sdpa", [], infer=infer)
     cand.eval()

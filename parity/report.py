@@ -540,9 +540,15 @@ class Report:
             )
         else:
             rule = f"ABSOLUTE rule (--atol/--rtol given): max|Δ| ≤ {tol['atol']:g} + {tol['rtol']:g}·max|x_ref|"
+        framework = self.candidate.get("framework")
+        cand = (
+            f"candidate {self.candidate['impl']} ({framework}, {self.candidate.get('runtime', 'unknown')})"
+            if framework
+            else f"candidate {self.candidate['impl']} ({self.candidate.get('attn', 'n/a')})"
+        )
         return (
             f"reference {self.reference['impl']} {self.reference['version']} ({self.reference['attn']}) vs "
-            f"candidate {self.candidate['impl']} ({self.candidate.get('attn', 'n/a')}); "
+            f"{cand}; "
             f"weights: {self.weights['source']} ({'synthetic' if self.weights['synthetic'] else 'real'}); "
             f"{self.dtype} on {self.device}, {self.mode}; {rule}"
         )

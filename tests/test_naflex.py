@@ -455,3 +455,46 @@ def test_candidate_processor_refuses_naflex_in_one_line(hf, capsys):
     assert parity_main(argv) == 2
     err = capsys.readouterr().err
     assert "judges fixed-resolution processors" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _naflex_library_cases():
+    from siglip_scratch.parity.diagnose import VARIANTS
+
+    L, last = "vision_model.encoder.layers", CFG.num_hidden_layers - 1
+    where = {
+        "naflex-embeddings": ["vision_model.embeddings"],
+        "naflex-head": ["vision_model.head"],
+        "naflex-attention": [f"{L}.0.self_attn", f"{L}.{last}.self_attn"],
+        "naflex-layer": [f"{L}.0", f"{L}.{last}"],
+    }
+    return [
+        pytest.param(site, desc, fn, id=f"{site.replace('vision_model.', '')}: {desc}")
+        for kind, sites in where.items()
+        for desc, fn in VARIANTS[kind]
+        for site in sites
+    ]
+
+
+@pytest.mark.parametrize(("site", "desc", "variant"), _naflex_library_cases())
+def test_every_naflex_variant_is_named_first_where_it_is_planted(hf, site, desc, variant):
+    """Each NaFlex variant of the library, planted as the candidate's module (given the batch's mask and
+    grids, as a port would have them), fails at its site in isolated mode and is named as the cause."""
+    from siglip_scratch.parity import compare
+    from siglip_scratch.parity.diagnose import Context
+
+    def plant(model):
+        ctx = {}
+        model.register_forward_pre_hook(
+            lambda m, a, kw: ctx.__setitem__(
+                "c", Context(keep=kw["pixel_attention_mask"].bool(), spatial_shapes=kw["spatial_shapes"])
+            ),
+            with_kwargs=True,
+        )
+        module = model.get_submodule(site)
+        module.forward = lambda x, *a, **k: variant(module, x, CFG, ctx["c"])
+
+    report = compare(weights=_weights(), candidate=_planted(plant), mode="isolated", depth="fine", batch=4)
+    # A layer that ignores the mask does so in its self-attention, the finer site, which is blamed first.
+    expected = f"{site}.self_attn" if site.split(".")[-1].isdigit() else site
+    assert not report.passed and report.first_divergent_site == expected, report.table()
+    assert report.diagnosis["likely_cause"] == desc, json.dumps(report.diagnosis, indent=1)[:2000]
