@@ -28,7 +28,7 @@ install-457: $(VENV457)/.installed
 $(VENV457)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(PY457) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7"
+	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15"
 	touch $@
 
 ## test: the fast suite (tiny and base configs) against the installed transformers 5.x

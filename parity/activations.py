@@ -308,6 +308,8 @@ class ActivationCandidate(nn.Module):
     """A candidate made of stored activations: a module tree with the canonical site names, whose
     forward calls each site that has a value in the current mode (so the harness's hooks see them)."""
 
+    external_candidate = True  # no weights to load: the harness takes it as it is (see compare._prepare_candidate)
+
     def __init__(
         self, activations: Mapping[str, Mapping[str, torch.Tensor]], sites: Sequence[str], info: dict[str, Any]
     ):

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cand = p.add_argument_group("candidate")
     cand.add_argument(
-        "--candidate", metavar="MODULE:FACTORY", help="module.path:factory or file.py:factory (default: ours)"
+        "--candidate",
+        metavar="MODULE:FACTORY",
+        help="module.path:factory, file.py:factory, or model.onnx (run by onnxruntime; its sites found by the "
+        "module paths in its node names) (default: ours)",
     )
     cand.add_argument(
         "--rename",

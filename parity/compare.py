@@ -350,7 +350,10 @@ def compare(
         "candidate: loading weights"
         + (" and inferring its rename map" if candidate is not None and rename is None else "")
     )
-    infer = candidate is not None and rename is None
+    external = getattr(candidate, "external_candidate", False) or str(candidate).endswith(".onnx")
+    if str(candidate).endswith(".onnx") and name != "float32":
+        raise InputError(f"an ONNX candidate runs in its graph's float32, not {name}", "--dtype", "use --dtype float32")
+    infer = candidate is not None and rename is None and not external
     cand, cand_info, load, inferred = _prepare_candidate(
         candidate, config, w.state_dict, rules, attn, allowed, infer=infer
     )
@@ -492,15 +495,17 @@ def _prepare_candidate(
     """Build (or take) the candidate and load the shared weights into it. With ``infer``, parameter
     rename rules are inferred first (unless the candidate loads through ``load_hf_state_dict``)."""
     inferred: dict[str, Any] = {"parameters": [], "account": ""}
-    from .activations import ActivationCandidate
+    if isinstance(candidate, (str, os.PathLike)) and str(candidate).endswith(".onnx"):
+        from .onnx_candidate import OnnxCandidate
 
-    if isinstance(candidate, ActivationCandidate):  # stored outputs of a port in another framework: no weights
-        return (
-            candidate,
-            dict(candidate.info),
-            LoadResult(via="activations file (the port loaded its own weights)"),
-            inferred,
+        candidate = OnnxCandidate(candidate, site_names(config, "fine"), rules)
+    if getattr(candidate, "external_candidate", False):  # stored activations or an ONNX graph: no weights to load
+        via = (
+            "the ONNX graph's own initializers"
+            if hasattr(candidate, "ios")
+            else "activations file (the port loaded its own weights)"
         )
+        return candidate, dict(candidate.info), LoadResult(via=via), inferred
     if candidate is None:
         ours = _ours(config, state, attn)
         info = {"impl": f"siglip_scratch.{type(ours).__name__}", "version": siglip_scratch.__version__, "attn": attn}

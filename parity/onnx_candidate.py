@@ -1,0 +1,230 @@
+"""ONNX models as candidates: ``siglip-parity --candidate model.onnx`` (onnxruntime, the ``[onnx]`` extra).
+
+Sites are found in the graph by the module path its node names carry (``/vision_model/encoder/layers.3/mlp/
+fc1/MatMul``: what ``torch.onnx.export`` writes for a model with hub module paths; other paths map to
+canonical sites through ``--rename``, the same module-path rules a PyTorch candidate uses). A site's
+*output* is the one value its scope produces that something outside the scope consumes; its *input* is
+the one non-constant value the scope consumes from outside.
+
+- **Propagated**: the graph runs once in onnxruntime with every site's output added as a graph output.
+- **Isolated**: each site's sub-graph (``onnx.utils.Extractor``, from its input value to its output value)
+  runs on the reference's input to that site, which the harness hands in exactly as it teacher-forces a
+  PyTorch module.
+
+Both go through the harness unchanged: `OnnxCandidate` is a module tree with the canonical site names, like
+`activations.ActivationCandidate`. NaFlex graphs (three inputs, masks) are not supported yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from siglip_scratch.errors import InputError, SourceError
+
+from .sites import RenameRules, apply_rename
+
+__all__ = ["OnnxCandidate", "load_onnx_candidate"]
+
+_CONSTANT_OPS = ("Constant", "ConstantOfShape")
+
+
+def _require():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise InputError(
+            "ONNX candidates need onnxruntime and onnx, which are not installed",
+            "--candidate",
+            'pip install "siglip-scratch[onnx]"',
+        ) from None
+    return onnx, onnxruntime
+
+
+def _module_path(node_name: str) -> str | None:
+    """``/vision_model/encoder/layers.0/mlp/fc1/MatMul`` -> ``vision_model.encoder.layers.0.mlp.fc1``."""
+    if not node_name.startswith("/"):
+        return None
+    parts = node_name.split("/")[1:-1]
+    return ".".join(parts) if parts else None
+
+
+class _Site(nn.Module):
+    def __init__(self, owner: OnnxCandidate, site: str):
+        super().__init__()
+        self._owner = [owner]  # not a submodule
+        self.site = site
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._owner[0].site_output(self.site, x)
+
+
+class OnnxCandidate(nn.Module):
+    """An ONNX graph judged as a candidate (see module doc)."""
+
+    external_candidate = True  # its weights are in the graph
+
+    def __init__(self, path: str | os.PathLike[str], sites: Sequence[str], rename: RenameRules = ()):
+        super().__init__()
+        onnx, ort = _require()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError("ONNX model not found", str(self.path), "check the path")
+        try:
+            self.model = onnx.shape_inference.infer_shapes(onnx.load(str(self.path)))
+        except Exception as exc:  # onnx raises its own types for a corrupt file
+            raise InputError(f"not a readable ONNX model ({type(exc).__name__}: {exc})", str(self.path), None) from None
+        graph = self.model.graph
+        if len([i for i in graph.input if i.name not in {t.name for t in graph.initializer}]) != 1:
+            raise InputError(
+                "the graph takes more than one input (SigLIP 2 NaFlex graphs are not supported yet)",
+                str(self.path),
+                "export a fixed-resolution tower taking pixel_values [B, 3, H, W]",
+            )
+        self.input_name = next(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
+        self.sites = list(sites)
+        self.ios = self._find_sites(graph, rename)
+        self.ort = ort
+        self.info = {
+            "impl": f"onnx {self.path}",
+            "framework": "ONNX Runtime",
+            "runtime": f"onnxruntime {ort.__version__}, opset {max(o.version for o in self.model.opset_import)}",
+            "version": ort.__version__,
+            "attn": "n/a",
+            "site_values": {s: {"input": i, "output": o} for s, (i, o) in self.ios.items()},
+        }
+        self.run_mode = "propagated"
+        self._stored: dict[str, torch.Tensor] = {}
+        self._sessions: dict[str, Any] = {}
+        from .activations import _install
+
+        for site in self.sites:
+            if site in self.ios:
+                _install(self, site, _Site(self, site))
+
+    # -- graph analysis ------------------------------------------------------------------------------------
+    def _find_sites(self, graph: Any, rename: RenameRules) -> dict[str, tuple[str, str]]:
+        constants = {t.name for t in graph.initializer}
+        constants |= {o for n in graph.node if n.op_type in _CONSTANT_OPS for o in n.output}
+        produced_by: dict[str, int] = {}
+        for idx, node in enumerate(graph.node):
+            for o in node.output:
+                produced_by[o] = idx
+        consumers: dict[str, list[int]] = {}
+        for idx, node in enumerate(graph.node):
+            for i in node.input:
+                consumers.setdefault(i, []).append(idx)
+        graph_outputs = {o.name for o in graph.output}
+
+        def canonical(path: str) -> str:
+            name = apply_rename(path, rename) if rename else path
+            return name if name.startswith("vision_model") else f"vision_model.{name}"  # 5.x saves flat
+
+        members: dict[str, list[int]] = {}
+        for idx, node in enumerate(graph.node):
+            path = _module_path(node.name)
+            if path is None:
+                continue
+            parts = path.split(".")
+            for k in range(1, len(parts) + 1):  # every enclosing module
+                members.setdefault(canonical(".".join(parts[:k])), []).append(idx)
+        ios: dict[str, tuple[str, str]] = {}
+        for site in self.sites:
+            idxs = set(members.get(site, []))
+            if not idxs:
+                continue
+            outs = [
+                o
+                for i in sorted(idxs)
+                for o in graph.node[i].output
+                if o not in constants and (o in graph_outputs or any(c not in idxs for c in consumers.get(o, [])))
+            ]
+            ins = sorted(
+                {
+                    v
+                    for i in idxs
+                    for v in graph.node[i].input
+                    if v and v not in constants and produced_by.get(v) not in idxs
+                }
+            )
+            ins = [v for v in ins if v == self.input_name or produced_by.get(v) is not None]
+            if len(outs) != 1 or len(ins) != 1:
+                raise InputError(
+                    f"cannot tell {site}'s output and input in the graph (outputs {outs[:3]}, inputs {ins[:3]})",
+                    str(self.path),
+                    "export with module paths in node names (torch.onnx.export of the module), or map them with --rename",
+                )
+            ios[site] = (ins[0], outs[0])
+        if not ios:
+            raise InputError(
+                "no canonical site found in the graph's node names",
+                str(self.path),
+                "export with torch.onnx.export from a model with hub module paths, or map its paths with --rename",
+            )
+        return ios
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def _session(self, key: str, model: Any) -> Any:
+        if key not in self._sessions:
+            options = self.ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[key] = self.ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[key]
+
+    def _full(self) -> Any:
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        have = {o.name for o in model.graph.output}
+        for value in {v for pair in self.ios.values() for v in pair} - {self.input_name}:
+            if value not in have:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
+                have.add(value)
+        return model
+
+    def set_run_mode(self, mode: str) -> None:
+        self.run_mode = mode
+
+    def site_output(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        if self.run_mode == "propagated" or site == "vision_model.embeddings":
+            return self._stored[site]
+        import onnx
+
+        src, dst = self.ios[site]
+        if site not in self._sessions:
+            sub = onnx.utils.Extractor(self.model).extract_model([src], [dst])
+            self._session(site, sub)
+        out = self._sessions[site].run([dst], {src: x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        session = self._session("full", self._full())
+        feed = pixel_values.detach().cpu().numpy()
+        wanted = sorted({v for pair in self.ios.values() for v in pair} - {self.input_name})
+        by_value = dict(zip(wanted, session.run(wanted, {self.input_name: feed}), strict=True))
+        by_value[self.input_name] = feed
+
+        def tensor(value: str) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(by_value[value]))
+
+        self._stored = {s: tensor(o) for s, (_, o) in self.ios.items()}
+        for site in self.sites:
+            if site in self.ios:
+                # Each site is called on its own input from this run; in isolated mode the harness replaces
+                # that with the reference's input (teacher forcing) before the sub-graph runs on it.
+                self.get_submodule(site)(tensor(self.ios[site][0]))
+        return None
+
+
+def load_onnx_candidate(path: str, sites: Sequence[str], rename: RenameRules = ()) -> OnnxCandidate:
+    return OnnxCandidate(path, sites, rename)
