@@ -93,9 +93,44 @@ def _validate(cfg: Any, int_fields: tuple[str, ...]) -> None:
 NO_HEAD_TOWERS = ("idefics3", "smolvlm")
 
 
+class _ConfigFile:
+    """What both configs do with files: read a config.json, write a complete one, copy with changes.
+    Subclasses set ``_ARCHITECTURE`` and ``_MODEL_TYPE`` (what transformers' class of the same name expects)."""
+
+    _ARCHITECTURE = ""
+    _MODEL_TYPE = ""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Any:
+        """Read ``config.json`` from a folder, or a config JSON file given directly."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        data = read_json(
+            file, what="config.json", error=ConfigError, missing_fix="pass a model folder or a config JSON file"
+        )
+        return cls.from_dict(data, source=str(file))  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A complete ``config.json`` for the matching transformers class (4.57 and 5.x read it)."""
+        out: dict[str, Any] = {"architectures": [self._ARCHITECTURE], "model_type": self._MODEL_TYPE}
+        out.update(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return out
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        file = Path(folder) / "config.json"
+        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return file
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(_ConfigFile):
     """The SigLIP vision tower's shape. Field names and defaults are Hugging Face's."""
+
+    _ARCHITECTURE = "SiglipVisionModel"
+    _MODEL_TYPE = "siglip_vision_model"
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -131,9 +166,6 @@ class SiglipVisionConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
-
-    def replace(self, **changes: Any) -> SiglipVisionConfig:
-        return dataclasses.replace(self, **changes)
 
     # -- (de)serialisation ---------------------------------------------------------------------
     @classmethod
@@ -188,36 +220,18 @@ class SiglipVisionConfig:
         except ConfigError as exc:
             raise ConfigError(exc.what, f"{where}: {exc.where}", exc.fix) from None
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> SiglipVisionConfig:
-        """Read ``config.json`` from a folder, or a config JSON file given directly."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        data = read_json(
-            file, what="config.json", error=ConfigError, missing_fix="pass a model folder or a config JSON file"
-        )
-        return cls.from_dict(data, source=str(file))
-
-    def to_dict(self) -> dict[str, Any]:
-        """A complete ``config.json`` for a SiglipVisionModel (transformers 4.57 and 5.x read it)."""
-        out: dict[str, Any] = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model"}
-        out.update(dataclasses.asdict(self))
-        return out
-
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        file = Path(folder) / "config.json"
-        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return file
-
 
 @dataclass(frozen=True)
-class Siglip2VisionConfig:
+class Siglip2VisionConfig(_ConfigFile):
     """The SigLIP 2 NaFlex vision tower's shape (``transformers.Siglip2VisionConfig``'s names and defaults).
 
     ``num_patches`` is the size of the learned position table (a square grid, 256 = 16x16); each image's
     grid of patches (``spatial_shapes``) gets that table resized to it. There is no ``image_size``: the
     processor picks each image's size to fit ``max_num_patches``.
     """
+
+    _ARCHITECTURE = "Siglip2VisionModel"
+    _MODEL_TYPE = "siglip2_vision_model"
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -255,9 +269,6 @@ class Siglip2VisionConfig:
         """Values per flattened patch (``num_channels * patch_size**2``): the patch embedding's input."""
         return self.num_channels * self.patch_size**2
 
-    def replace(self, **changes: Any) -> Siglip2VisionConfig:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Siglip2VisionConfig:
         """Read a ``Siglip2VisionConfig`` (flat) or a ``Siglip2Config`` (its ``vision_config``)."""
@@ -282,26 +293,6 @@ class Siglip2VisionConfig:
             return cls(**values)
         except ConfigError as exc:
             raise ConfigError(exc.what, f"{where}: {exc.where}", exc.fix) from None
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> Siglip2VisionConfig:
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        data = read_json(
-            file, what="config.json", error=ConfigError, missing_fix="pass a model folder or a config JSON file"
-        )
-        return cls.from_dict(data, source=str(file))
-
-    def to_dict(self) -> dict[str, Any]:
-        """A complete ``config.json`` for a ``Siglip2VisionModel`` (transformers 4.57 and 5.x read it)."""
-        out: dict[str, Any] = {"architectures": ["Siglip2VisionModel"], "model_type": "siglip2_vision_model"}
-        out.update(dataclasses.asdict(self))
-        return out
-
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        file = Path(folder) / "config.json"
-        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return file
 
 
 AnyVisionConfig = SiglipVisionConfig | Siglip2VisionConfig

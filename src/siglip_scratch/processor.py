@@ -176,10 +176,7 @@ class SiglipImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> SiglipImageProcessor:
-        path = Path(path)
-        file = path / "preprocessor_config.json" if path.is_dir() else path
-        data = read_json(file, what="preprocessor_config.json", error=ConfigError, missing_fix="pass the model folder")
-        return cls.from_dict(data, source=str(file))
+        return cls.from_dict(*_read_preprocessor_config(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -388,35 +385,27 @@ class Siglip2ImageProcessor:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessor_config") -> Siglip2ImageProcessor:
-        if not isinstance(data, dict):
-            raise ConfigError("preprocessor config must be a JSON object", source, None)
-        values: dict[str, Any] = {}
-        for key in (
-            "patch_size",
-            "max_num_patches",
-            "resample",
-            "do_rescale",
-            "rescale_factor",
-            "do_normalize",
-            "do_convert_rgb",
-        ):
-            if key in data and data[key] is not None:
-                values[key] = int(data[key]) if key == "resample" and isinstance(data[key], float) else data[key]
-        for key in ("image_mean", "image_std"):
-            if key in data:
-                value = data[key]
-                values[key] = tuple(value) if isinstance(value, list) else (value,) * 3
+        """Read a ``Siglip2ImageProcessor`` preprocessor_config.json: the shared steps exactly as
+        `SiglipImageProcessor.from_dict` reads (and checks) them, plus ``patch_size`` and ``max_num_patches``."""
+        shared = SiglipImageProcessor.from_dict(
+            {k: v for k, v in data.items() if k != "size"} if isinstance(data, dict) else data, source=source
+        )
+        values = {k: data[k] for k in ("patch_size", "max_num_patches") if data.get(k) is not None}
         try:
-            return cls(**values)
+            return cls(
+                **values,
+                **{
+                    f.name: getattr(shared, f.name)
+                    for f in fields(cls)
+                    if f.name not in values and hasattr(shared, f.name)
+                },
+            )
         except ConfigError as exc:
             raise ConfigError(exc.what, f"{source}: {exc.where}", exc.fix) from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> Siglip2ImageProcessor:
-        path = Path(path)
-        file = path / "preprocessor_config.json" if path.is_dir() else path
-        data = read_json(file, what="preprocessor_config.json", error=ConfigError, missing_fix="pass the model folder")
-        return cls.from_dict(data, source=str(file))
+        return cls.from_dict(*_read_preprocessor_config(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -482,3 +471,12 @@ class Siglip2ImageProcessor:
             "pixel_attention_mask": torch.from_numpy(np.stack(masks)),
             "spatial_shapes": torch.tensor(shapes, dtype=torch.int64),
         }
+
+
+def _read_preprocessor_config(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """(the JSON of ``preprocessor_config.json`` in a folder, or of a file given directly; its path)."""
+    path = Path(path)
+    file = path / "preprocessor_config.json" if path.is_dir() else path
+    return read_json(
+        file, what="preprocessor_config.json", error=ConfigError, missing_fix="pass the model folder"
+    ), str(file)
