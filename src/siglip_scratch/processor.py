@@ -394,11 +394,8 @@ class Siglip2ImageProcessor:
         try:
             return cls(
                 **values,
-                **{
-                    f.name: getattr(shared, f.name)
-                    for f in fields(cls)
-                    if f.name not in values and hasattr(shared, f.name)
-                },
+                # only what the file states: an absent key keeps SigLIP 2's default (bilinear), not SigLIP's
+                **{f.name: getattr(shared, f.name) for f in fields(cls) if f.name in data and f.name not in values},
             )
         except ConfigError as exc:
             raise ConfigError(exc.what, f"{source}: {exc.where}", exc.fix) from None
