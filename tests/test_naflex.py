@@ -498,3 +498,14 @@ def test_every_naflex_variant_is_named_first_where_it_is_planted(hf, site, desc,
     expected = f"{site}.self_attn" if site.split(".")[-1].isdigit() else site
     assert not report.passed and report.first_divergent_site == expected, report.table()
     assert report.diagnosis["likely_cause"] == desc, json.dumps(report.diagnosis, indent=1)[:2000]
+
+
+def test_processor_config_round_trip_and_defaults(tmp_path):
+    """A preprocessor_config.json that states only the patch size keeps SigLIP 2's bilinear; ours round-trips;
+    a wrong type is the shared one-line ConfigError."""
+    assert Siglip2ImageProcessor.from_dict({"patch_size": 8}).resample == 2
+    proc = Siglip2ImageProcessor(patch_size=14, max_num_patches=576, resample=3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(proc.to_dict()))
+    assert Siglip2ImageProcessor.from_pretrained(tmp_path) == proc
+    with pytest.raises(ConfigError, match="do_rescale must be true or false"):
+        Siglip2ImageProcessor.from_dict({"do_rescale": "yes"})
