@@ -176,7 +176,8 @@ class SiglipImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> SiglipImageProcessor:
-        return cls.from_dict(*_read_preprocessor_config(path))
+        data, source = _read_preprocessor_config(path)
+        return cls.from_dict(data, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -402,7 +403,8 @@ class Siglip2ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> Siglip2ImageProcessor:
-        return cls.from_dict(*_read_preprocessor_config(path))
+        data, source = _read_preprocessor_config(path)
+        return cls.from_dict(data, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
