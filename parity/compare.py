@@ -350,8 +350,9 @@ def compare(
         "candidate: loading weights"
         + (" and inferring its rename map" if candidate is not None and rename is None else "")
     )
-    external = getattr(candidate, "external_candidate", False) or str(candidate).endswith(".onnx")
-    if str(candidate).endswith(".onnx") and name != "float32":
+    onnx_file = isinstance(candidate, (str, os.PathLike)) and str(candidate).endswith(".onnx")
+    external = getattr(candidate, "external_candidate", False) or onnx_file
+    if onnx_file and name != "float32":
         raise InputError(f"an ONNX candidate runs in its graph's float32, not {name}", "--dtype", "use --dtype float32")
     infer = candidate is not None and rename is None and not external
     cand, cand_info, load, inferred = _prepare_candidate(
