@@ -327,7 +327,7 @@ def _check_combinations(args: argparse.Namespace) -> None:
             )
     if args.rename and not (args.candidate or args.candidate_activations):
         raise InputError(
-            "--rename renames a candidate's modules, but no --candidate (or --candidate-activations) was given",
+            "--rename renames a candidate's modules, but no --candidate was given (nor --candidate-activations)",
             "--rename",
             "add --candidate module:factory",
         )
