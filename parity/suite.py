@@ -157,7 +157,7 @@ def _main(args: argparse.Namespace) -> int:
     n_rows = 0
     t_start = time.perf_counter()
     print(
-        "siglip-parity suite: reference transformers.SiglipVisionModel, candidate siglip_scratch, "
+        "siglip-parity suite: reference transformers.SiglipVisionModel (Siglip2VisionModel for NaFlex), candidate siglip_scratch, "
         "each site judged against a float64 oracle, isolated and propagated",
         flush=True,
     )
