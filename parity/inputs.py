@@ -17,7 +17,7 @@ from PIL import Image
 
 from siglip_scratch.processor import Siglip2ImageProcessor
 
-__all__ = ["ModelInputs", "NaflexInputs", "call", "naflex_images", "select"]
+__all__ = ["ModelInputs", "NaflexInputs", "call", "naflex_images", "naflex_inputs", "select"]
 
 # Aspect ratios (height, width) of the seeded images a NaFlex comparison uses when none are given: wide,
 # tall, small, square, very wide; a batch of b takes the first b (cycling).
