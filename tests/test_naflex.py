@@ -509,3 +509,23 @@ def test_processor_config_round_trip_and_defaults(tmp_path):
     assert Siglip2ImageProcessor.from_pretrained(tmp_path) == proc
     with pytest.raises(ConfigError, match="do_rescale must be true or false"):
         Siglip2ImageProcessor.from_dict({"do_rescale": "yes"})
+
+
+def _naflex_factory(cfg: dict) -> Siglip2VisionModel:
+    """A user's factory: gets the config dict, returns a fresh (randomly initialised) NaFlex tower."""
+    from siglip_scratch.parity.reference import naflex_arithmetic
+
+    return Siglip2VisionModel(Siglip2VisionConfig.from_dict(cfg)).set_arithmetic(naflex_arithmetic())
+
+
+def test_a_factory_built_naflex_candidate_loads_the_weights_and_inspects(hf):
+    """The harness loads the shared weights into a factory-built NaFlex candidate (every site found by name),
+    and `inspect` reports the same."""
+    from siglip_scratch.parity import compare
+    from siglip_scratch.parity.inspection import inspect_candidate
+
+    report = compare(weights=_weights(), candidate=_naflex_factory, mode="isolated", depth="fine", batch=3)
+    assert report.passed and report.unloaded_parameters == [], report.table()
+    assert all(s.exact for s in report.sites), report.table()
+    result = inspect_candidate(_naflex_factory, preset="google/siglip2-base-patch16-naflex")
+    assert all(how == "by name" for _, _, how in result.sites), result.sites
