@@ -297,7 +297,7 @@ _HF_KEYS = {
 }
 
 
-def _levels(d: torch.Tensor, std: Sequence[float], scale: str = "0-1") -> torch.Tensor:
+def _levels(d: torch.Tensor, std: Sequence[float]) -> torch.Tensor:
     """A normalised difference back in uint8 levels (x · std · 255)."""
     return d.double() * torch.tensor(std, dtype=torch.float64)[:, None, None] * 255.0
 
