@@ -152,6 +152,15 @@ def resolve_weights(
     return Weights(config, state, source if weights else f"{model} ({source})", synthetic=False)
 
 
+def default_processor(config: AnyVisionConfig) -> SiglipImageProcessor | Siglip2ImageProcessor:
+    """The processor for a config when the source names none: SigLIP's at its resolution, or NaFlex's with as
+    many patches as the position grid (as the hub checkpoints ship it: a non-square image's grid is then
+    smaller than the table on one side, so the resize shrinks it and antialias matters)."""
+    if isinstance(config, Siglip2VisionConfig):
+        return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+    return SiglipImageProcessor.for_config(config)
+
+
 def make_pixels(
     config: AnyVisionConfig,
     *,
@@ -167,13 +176,10 @@ def make_pixels(
         raise InputError(f"batch must be >= 1, got {batch}", "--batch", None)
     if isinstance(config, Siglip2VisionConfig):
         if not isinstance(processor, Siglip2ImageProcessor):
-            # As the hub checkpoints ship it: as many patches as the position grid has, so a non-square
-            # image's grid is smaller than the table on one side (the resize shrinks it: antialias matters).
-            processor = Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+            processor = default_processor(config)
         return naflex_inputs(processor, list(images) if images else naflex_images(batch, seed))
     if images:
-        processor = processor or SiglipImageProcessor.for_config(config)
-        return processor(list(images))
+        return (processor or default_processor(config))(list(images))
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, config.num_channels, config.image_size, config.image_size, generator=g) * 2 - 1
 
@@ -274,6 +280,8 @@ def compare(
             from .preprocess import processor_for_source
 
             processor = processor_for_source(weights, model, preset, revision, config=config)
+        if images and processor is None:
+            processor = default_processor(config)  # one processor: it makes the pixels and the report names it
         pixel_values = make_pixels(config, images=images, batch=batch, seed=seed, processor=processor)
     naflex = isinstance(config, Siglip2VisionConfig)
     if naflex and isinstance(pixel_values, dict):
@@ -449,7 +457,7 @@ def compare(
                 else {}
             ),
             "images": [str(p) for p in images] if images else [],
-            "processor": (processor or SiglipImageProcessor.for_config(config)).to_dict() if images else None,
+            "processor": processor.to_dict() if images and processor is not None else None,
             "seed": seed,
             "height": None if naflex else int(pixel_values.shape[2]),
             "width": None if naflex else int(pixel_values.shape[3]),

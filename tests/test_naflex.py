@@ -529,3 +529,40 @@ def test_a_factory_built_naflex_candidate_loads_the_weights_and_inspects(hf):
     assert all(s.exact for s in report.sites), report.table()
     result = inspect_candidate(_naflex_factory, preset="google/siglip2-base-patch16-naflex")
     assert all(how == "by name" for _, _, how in result.sites), result.sites
+
+
+def test_naflex_images_through_the_python_api_name_their_processor(hf, tmp_path):
+    """Weights passed as a `Weights` object (no source to read a processor from) with image files: the
+    NaFlex default processor makes the pixels, and the report names that same processor."""
+    from siglip_scratch.parity import compare
+
+    paths = []
+    for i, im in enumerate(_images()[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    report = compare(weights=_weights(), images=paths, mode="isolated", depth="coarse")
+    assert report.passed, report.table()
+    assert report.inputs["processor"]["image_processor_type"] == "Siglip2ImageProcessor"
+    assert report.inputs["processor"]["max_num_patches"] == CFG.num_patches
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_naflex_padding_leak_in_the_last_layer_fails_in_the_default_mode(hf, dtype):
+    """The mask ignored in the deepest attention, default mode (both), float32 and bfloat16: fails at that
+    layer; the same model with the mask kept passes."""
+    from siglip_scratch.parity import Weights, compare
+    from siglip_scratch.parity.reference import naflex_arithmetic
+
+    w = _weights()
+    w = Weights(CFG, {k: v.to(getattr(torch, dtype)) for k, v in w.state_dict.items()}, w.source, synthetic=True)
+    last = f"vision_model.encoder.layers.{CFG.num_hidden_layers - 1}.self_attn"
+
+    def model(leak: bool) -> Siglip2VisionModel:
+        m = Siglip2VisionModel.from_state_dict(CFG, w.state_dict).set_arithmetic(naflex_arithmetic())
+        if leak:
+            _ignore_mask(last)(m)
+        return m
+
+    assert compare(weights=w, candidate=model(False), dtype=dtype, batch=4).passed
+    report = compare(weights=w, candidate=model(True), dtype=dtype, batch=4)
+    assert not report.passed and report.first_divergent_site == last, report.table()
