@@ -51,6 +51,13 @@ class Store(abc.ABC):
     def where(self, key: str) -> str:
         return f"{self.files[0]}: {key}" if len(self.files) == 1 else key
 
+    def _missing(self, key: str) -> CheckpointError:
+        """The one error for a key a reader needs and the file lacks (never a bare KeyError)."""
+        where = str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} files from {self.files[0].parent}"
+        return CheckpointError(
+            f"required tensor {key!r} is missing", where, "the checkpoint is incomplete or not this layout"
+        )
+
 
 class SafetensorsStore(Store):
     """A ``.safetensors`` file, or a folder/index of shards. Headers are validated before use."""
@@ -62,20 +69,25 @@ class SafetensorsStore(Store):
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.infos[key].shape
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.infos[key].torch_dtype
-
-    def raw(self, key: str) -> TensorInfo:
+    def _info(self, key: str) -> TensorInfo:
+        if key not in self.infos:
+            raise self._missing(key)
         return self.infos[key]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._info(key).torch_dtype
+
+    def raw(self, key: str) -> TensorInfo:
+        return self._info(key)
+
     def where(self, key: str) -> str:
-        return f"{self.infos[key].file}: {key}"
+        return f"{self._info(key).file}: {key}"
 
     def load(self, key: str) -> torch.Tensor:
-        info = self.infos[key]
+        info = self._info(key)
         buf = bytearray(info.nbytes)
         with open(info.file, "rb") as fh:
             fh.seek(info.start)
@@ -131,15 +143,18 @@ class TorchPickleStore(Store):
         return list(self.tensors)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
+        return tuple(self.load(key).shape)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.tensors[key].dtype
+        return self.load(key).dtype
 
     def load(self, key: str) -> torch.Tensor:
+        if key not in self.tensors:
+            raise self._missing(key)
         return self.tensors[key]
 
     def where(self, key: str) -> str:
+        self.load(key)
         return f"{self.origin[key]}: {key}"
 
 
@@ -245,16 +260,21 @@ class NpzStore(Store):
     def keys(self) -> list[str]:
         return list(self.index)
 
+    def _stored(self, key: str) -> tuple[str, int | None]:
+        if key not in self.index:
+            raise self._missing(key)
+        return self.index[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
-        name, i = self.index[key]
+        name, i = self._stored(key)
         shape = self._headers[name][0]
         return shape[1:] if i is not None else shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._headers[self.index[key][0]][1]
+        return self._headers[self._stored(key)[0]][1]
 
     def load(self, key: str) -> torch.Tensor:
-        name, i = self.index[key]
+        name, i = self._stored(key)
         where = f"{self.files[0]}: {name}"
         try:
             arr = self.npz[name]
@@ -271,7 +291,7 @@ class NpzStore(Store):
         return torch.from_numpy(np.ascontiguousarray(arr))
 
     def where(self, key: str) -> str:
-        return f"{self.files[0]}: {self.index[key][0]}"
+        return f"{self.files[0]}: {self._stored(key)[0]}"
 
 
 def _npy_header(npz: np.lib.npyio.NpzFile, name: str, where: str) -> tuple[tuple[int, ...], torch.dtype]:
