@@ -4,14 +4,19 @@ Installed as ``siglip_scratch.parity`` (see ARCHITECTURE.md). transformers is im
 when a reference is built, so importing this package never needs it.
 """
 
-from .compare import Weights, assert_parity, compare, make_pixels, resolve_weights
-from .report import DEFAULT_TOLERANCES, ORACLE_RULES, Report, SiteResult
+from .compare import assert_parity, compare
+from .inputs import make_pixels
+from .judge import DEFAULT_TOLERANCES, ORACLE_RULES, SiteResult
+from .options import RunOptions
+from .report import Report
 from .sites import compile_rename, site_names
+from .weights import Weights, resolve_weights
 
 __all__ = [
     "DEFAULT_TOLERANCES",
     "ORACLE_RULES",
     "Report",
+    "RunOptions",
     "SiteResult",
     "Weights",
     "assert_parity",

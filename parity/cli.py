@@ -15,6 +15,20 @@ from pathlib import Path
 from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, OneLineParser, parse, run
 from siglip_scratch.errors import OutputError
 
+from . import render
+
+
+def add_weight_source(p: argparse.ArgumentParser, title: str, seed_default: int | None) -> None:
+    """The weight-source arguments, shared by the comparison, ``inspect`` and ``export-inputs``."""
+    src = p.add_argument_group(title)
+    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
+    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
+    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
+    src.add_argument("--revision", help="hub revision for --model")
+    src.add_argument(
+        "--seed", type=int, default=seed_default, help="seed for synthetic weights and random pixels (default 0)"
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
@@ -23,12 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`siglip-parity inspect --candidate X` shows how a candidate's names map (see inspect --help).",
         epilog="Exit codes: 0 pass, 1 parity failure, 2 usage or input error, 3 internal error.",
     )
-    src = p.add_argument_group("weights (exactly one)")
-    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
-    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
-    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
-    src.add_argument("--revision", help="hub revision for --model")
-    src.add_argument("--seed", type=int, default=None, help="seed for synthetic weights and random pixels (default 0)")
+    add_weight_source(p, "weights (exactly one)", None)
 
     cand = p.add_argument_group("candidate")
     cand.add_argument(
@@ -157,12 +166,7 @@ def build_inspect_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rename", metavar="MAP.json", help="a map to check instead of inferring one")
     p.add_argument("--write-rename", metavar="FILE", help="save the map (inferred or given) as a --rename file")
-    src = p.add_argument_group("weights (at most one; default: synthetic google/siglip-base-patch16-224)")
-    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
-    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
-    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
-    src.add_argument("--revision", help="hub revision for --model")
-    src.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and pixels (default 0)")
+    add_weight_source(p, "weights (at most one; default: synthetic google/siglip-base-patch16-224)", 0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -177,12 +181,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 written, 2 usage or input error, 3 internal error.",
     )
     p.add_argument("dir", metavar="DIR", help="a new or empty folder")
-    src = p.add_argument_group("weights (at most one; default: synthetic google/siglip-base-patch16-224)")
-    src.add_argument("--weights", metavar="PATH", help="model folder, HF folder/snapshot, or .safetensors file")
-    src.add_argument("--model", metavar="HUB_ID", help="hub repo id (local HF cache when offline)")
-    src.add_argument("--preset", metavar="HUB_ID", help="deterministic synthetic weights at this hub id's config")
-    src.add_argument("--revision", help="hub revision for --model")
-    src.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and random pixels (default 0)")
+    add_weight_source(p, "weights (at most one; default: synthetic google/siglip-base-patch16-224)", 0)
     p.add_argument("--images", nargs="+", metavar="FILE", help="images through the model's processor (default: random)")
     p.add_argument("--batch", type=int, default=2, help="random images when --images is not given (default 2)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
@@ -239,7 +238,7 @@ def _export(args: argparse.Namespace) -> int:
     from siglip_scratch.errors import InputError
 
     from .activations import export_inputs
-    from .compare import dtype_name
+    from .weights import dtype_name
 
     if sum(bool(v) for v in (args.weights, args.model, args.preset)) > 1:
         raise InputError("give at most one of --weights, --model, --preset", "weights", None)
@@ -317,7 +316,7 @@ def _check_combinations(args: argparse.Namespace) -> None:
                 flag,
                 "add --candidate-activations FILE",
             )
-    from .activations import TRANSFORMS
+    from .candidates import TRANSFORMS
 
     for spec in args.layout:
         _, sep, name = spec.rpartition("=")
@@ -359,64 +358,39 @@ def _main(args: argparse.Namespace) -> int:
         presets = [args.preset] if args.preset else None
         return EXIT_OK if run_golden(presets, update=args.update_golden) else EXIT_FAIL
 
-    from .candidate import load_rename_map
-    from .compare import check_device, compare
+    from .candidates import load_rename_map, open_candidate
+    from .compare import compare
+    from .options import RunOptions
+    from .weights import check_device
 
     check_device(args.device)  # before any weights are read
-    if args.candidate_activations:
-        return _judge_activations(args)
-    args.batch = 2 if args.batch is None else args.batch
-    args.seed = 0 if args.seed is None else args.seed
-    args.dtype = "float32" if args.dtype is None else args.dtype
+    activations = bool(args.candidate_activations)
+    opts = RunOptions.from_args(args, **({"dtype": "float32"} if activations else {}))
+    if not activations:
+        opts.checked()  # every flag value, before anything is imported or read
+    rules = load_rename_map(args.rename) if args.rename else ([] if activations else None)  # None: inferred
     pre = _check_processor(args) if args.candidate_processor else None
     if pre is not None and not args.candidate:  # the processor alone is what is being judged
         print(pre.verdict if args.quiet else pre.table())
         for target, text in (
             (args.json, lambda: json.dumps(pre.to_dict(), indent=2)),
-            (args.markdown, lambda: _processor_markdown(pre)),
+            (args.markdown, lambda: render.processor_markdown(pre)),
         ):
             if target:
                 _write(target, text())
         return EXIT_OK if pre.passed else EXIT_FAIL
-
-    rules = load_rename_map(args.rename) if args.rename else None  # None: inferred, and reported
-    report = compare(
-        weights=args.weights,
-        model=args.model,
-        preset=args.preset,
-        seed=args.seed,
-        candidate=args.candidate,
-        rename=rules,
-        mode=args.mode,
-        depth=args.depth,
-        dtype=args.dtype,
-        device=args.device,
-        attn=args.attn,
-        images=args.images,
-        batch=args.batch,
-        atol=args.atol,
-        rtol=args.rtol,
-        revision=args.revision,
-        allow_unloaded=args.allow_unloaded,
-        skip_sites=args.skip_site,
-        progress=_progress_printer(args),
+    # The candidate is opened (its file imported, an export read) before any model is built.
+    candidate = open_candidate(
+        args.candidate_activations or args.candidate, inputs_dir=args.inputs, layouts=_layouts(args)
     )
+    report = compare(options=opts, candidate=candidate, rename=rules, progress=_progress_printer(args))
     if pre is not None:
         print(pre.verdict if args.quiet else pre.table())
     print(report.verdict if args.quiet else report.table())
-
-    def to_json() -> str:
-        if pre is None:
-            return report.to_json()
-        data = json.loads(report.to_json())
-        data["preprocessing"] = pre.to_dict()
-        data["passed"] = data["passed"] and pre.passed
-        return json.dumps(data, indent=2)
-
-    def to_markdown() -> str:
-        return report.to_markdown() + ("\n" + _processor_markdown(pre) if pre is not None else "")
-
-    for target, text in ((args.json, to_json), (args.markdown, to_markdown)):
+    for target, text in (
+        (args.json, lambda: render.combined_json(report, pre)),
+        (args.markdown, lambda: render.combined_markdown(report, pre)),
+    ):
         if target:
             _write(target, text())
     if args.plot:
@@ -424,11 +398,10 @@ def _main(args: argparse.Namespace) -> int:
     return EXIT_OK if report.passed and (pre is None or pre.passed) else EXIT_FAIL
 
 
-def _judge_activations(args: argparse.Namespace) -> int:
+def _layouts(args: argparse.Namespace) -> list:
     import re
 
-    from .activations import judge_activations
-    from .candidate import load_rename_map
+    from siglip_scratch.errors import InputError
 
     layouts = []
     for spec in args.layout:
@@ -436,38 +409,10 @@ def _judge_activations(args: argparse.Namespace) -> int:
         try:
             layouts.append((re.compile(pattern), name))
         except re.error as exc:
-            from siglip_scratch.errors import InputError
-
             raise InputError(
                 f"--layout pattern {pattern!r} does not compile ({exc})", "--layout", "fix the regex"
             ) from None
-    report = judge_activations(
-        args.candidate_activations,
-        inputs_dir=args.inputs,
-        mode=args.mode,
-        depth=args.depth,
-        rename=load_rename_map(args.rename) if args.rename else (),
-        layouts=layouts,
-        weights=args.weights,
-        model=args.model,
-        preset=args.preset,
-        revision=args.revision,
-        skip_sites=args.skip_site,
-        atol=args.atol,
-        rtol=args.rtol,
-        progress=_progress_printer(args),
-    )
-    return _emit(args, report)
-
-
-def _emit(args: argparse.Namespace, report) -> int:
-    print(report.verdict if args.quiet else report.table())
-    for target, text in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
-        if target:
-            _write(target, text())
-    if args.plot:
-        report.plot(args.plot)
-    return EXIT_OK if report.passed else EXIT_FAIL
+    return layouts
 
 
 def _check_processor(args: argparse.Namespace):
@@ -489,25 +434,6 @@ def _check_processor(args: argparse.Namespace):
             "compare it with siglip_scratch.Siglip2ImageProcessor, which equals transformers' (tests/test_naflex.py)",
         )
     return compare_processor(fn, processor, name=args.candidate_processor)
-
-
-def _processor_markdown(pre) -> str:
-    rows = [
-        "### Preprocessing",
-        "",
-        f"{pre.verdict}",
-        "",
-        "| probe image | shape | RMS (levels) | max (levels) | transformers' spread rms/max | result |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for p in pre.probes:
-        rms = "—" if p.rms_levels is None else f"{p.rms_levels:.3f}"
-        mx = "—" if p.max_levels is None else f"{p.max_levels:.2f}"
-        rows.append(
-            f"| {p.image} | {'x'.join(map(str, p.shape))} | {rms} | {mx} | {p.spread_rms_levels:.3f}/{p.spread_max_levels:.2f} "
-            f"| {'ok' if p.passed else 'FAIL'} |"
-        )
-    return "\n".join(rows) + "\n"
 
 
 def _progress_printer(args: argparse.Namespace):

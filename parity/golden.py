@@ -23,7 +23,7 @@ from siglip_scratch.config import get_preset
 from siglip_scratch.errors import InputError
 from siglip_scratch.modeling import synthetic_state_dict
 
-from .compare import make_pixels
+from .inputs import make_pixels
 from .reference import build_reference, canonical_name, reference_prefix, transformers_version
 from .sites import hooks, named_sites, site_names
 

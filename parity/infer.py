@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .candidate import forward_candidate
-from .inputs import select
-from .sites import first_tensor
+from .inputs import forward_candidate, select
+from .sites import EMBEDDINGS, FIRST_LAYER, first_tensor, input_tensor
 
 __all__ = ["format_rename_map", "infer_parameter_rules", "infer_site_rules", "rules_to_json"]
 
@@ -114,7 +113,9 @@ CONVENTIONAL = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": 3}
 LAYERS = "vision_model.encoder.layers."
 
 
-def infer_parameter_rules(candidate: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[Rule], str]:
+def infer_parameter_rules(
+    candidate: nn.Module, state: Mapping[str, torch.Tensor], *, partial: bool = False
+) -> tuple[list[Rule], str]:
     """(rules mapping every candidate weight key to a canonical key, a one-line account of the result).
 
     Module by module: the candidate's layers are the numbered children of one container with exactly
@@ -123,7 +124,12 @@ def infer_parameter_rules(candidate: nn.Module, state: Mapping[str, torch.Tensor
     several have the same shapes (q/k/v/out, the two norms), names decide (`ALIASES`), then order.
     Returns no rules when the keys are canonical already or when the shapes cannot be matched (a fused
     qkv, a ``[1, N, D]`` position table: such a candidate needs ``load_hf_state_dict``); the account
-    says which."""
+    says which.
+
+    ``partial`` (a candidate with its own ``load_hf_state_dict``): match what can be matched and leave the
+    rest to the loader. A shape class whose counts differ (a fused qkv beside an output projection) pairs
+    only modules whose names say which they are (``proj`` → ``out_proj``); a module holding several weights
+    of one role is skipped. The loader runs after the rules, so its tensors win where both write."""
     own = {k: tuple(t.shape) for k, t in candidate.state_dict().items() if t.is_floating_point()}
     canonical = {k: tuple(t.shape) for k, t in state.items() if t.is_floating_point()}
     if set(own) <= set(canonical):
@@ -143,7 +149,7 @@ def infer_parameter_rules(candidate: nn.Module, state: Mapping[str, torch.Tensor
         return [], f"the candidate's layers under {container!r} differ in their parameters"
     pairs: list[tuple[str, str]] = []
     for cand, canon, prefix in ((cand_top, canon_top, None), (cand_layers[0], canon_layer0, "layer")):
-        matched, why = _match_modules(cand, canon)
+        matched, why = _match_modules(cand, canon, partial=partial)
         if matched is None:
             return [], why
         if prefix is None:
@@ -151,6 +157,13 @@ def infer_parameter_rules(candidate: nn.Module, state: Mapping[str, torch.Tensor
         else:
             pairs += [(f"{container}{i}.{c}", f"{LAYERS}{i}.{k}") for i in range(n_layers) for c, k in matched]
     pairs = [(c, k) for c, k in pairs if c != k]
+    if partial:
+        named = {c for c, _ in pairs} | (set(own) & set(canonical))
+        left = len(own) - len(named & set(own))
+        return _generalise(pairs), (
+            f"{len(own) - left} of {len(own)} weight tensors matched module by module (shapes, then names); "
+            f"{left} left to its load_hf_state_dict"
+        )
     return _generalise(pairs), f"{len(own)} weight tensors matched module by module (shapes, then names, then order)"
 
 
@@ -195,7 +208,7 @@ def _score(cand_owner: str, canon_owner: str) -> int:
 
 
 def _match_modules(
-    cand: Mapping[str, tuple[int, ...]], canon: Mapping[str, tuple[int, ...]]
+    cand: Mapping[str, tuple[int, ...]], canon: Mapping[str, tuple[int, ...]], *, partial: bool = False
 ) -> tuple[list[tuple[str, str]] | None, str]:
     cand_owners, canon_owners = _owners(cand), _owners(canon)
     classes: dict[tuple, tuple[list[str], list[str]]] = {}
@@ -203,10 +216,24 @@ def _match_modules(
         for owner, params in owners.items():
             sig = _signature(params)
             if sig is None:
+                if partial:
+                    continue
                 return None, f"{owner or '(root)'} holds several weights of one role: cannot match it by shape"
             classes.setdefault(sig, ([], []))[side].append(owner)
     pairs: list[tuple[str, str]] = []
     for sig, (cands, canons) in classes.items():
+        if len(cands) != len(canons) and partial:
+            # Only names can pair an uneven class: each candidate module with its best-named canonical one.
+            taken: set[str] = set()
+            for c in cands:
+                scored = sorted((-_score(c, k), canons.index(k), k) for k in canons if k not in taken)
+                if scored and scored[0][0] < 0:
+                    k = scored[0][2]
+                    taken.add(k)
+                    for name in cand_owners[c]:
+                        target = next(n for n in canon_owners[k] if _role(n) == _role(name))
+                        pairs.append((f"{c}.{name}" if c else name, f"{k}.{target}" if k else target))
+            continue
         if len(cands) != len(canons):
             shapes = ", ".join(f"{r} {list(s)}" for r, s in sig)
             return None, (
@@ -235,8 +262,17 @@ def infer_site_rules(
     sites: Sequence[str],
     ref_out: Mapping[str, torch.Tensor],
     pixel_values: Any,
+    ref_in: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[Rule], dict[str, float]]:
     """Rules naming the candidate module of each canonical site (those it lacks by name), found by value.
+
+    A module is a site only if it computes that site: its output is close to the reference's output there
+    and, where the reference recorded the site's input (``ref_in``), its *input* is close to that input
+    too: an attention written inline ends in an ``out_proj`` whose output is the attention's, but whose input
+    is not the LayerNorm output, so it is not ``self_attn``. The embeddings' input is the model input, which
+    a port may take in any form; their module must instead output exactly what the candidate's layer 0
+    then receives (a ``Linear`` patch embedding followed by ``x += pos`` is not the embeddings).
+    Every tensor is copied as it is recorded, so a later in-place op cannot change it.
 
     Returns (rules, the relative error of each chosen module against the reference: how sure)."""
     names = dict(candidate.named_modules())
@@ -244,16 +280,23 @@ def infer_site_rules(
     if not lacking:
         return [], {}
     outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in names.items():
         if not name:
             continue
 
+        def pre(mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            t = input_tensor(args, kwargs)
+            if t is not None and name not in inputs:
+                inputs[name] = t.detach().clone()
+
         def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
             t = first_tensor(output)
             if t is not None and name not in outputs:
-                outputs[name] = select(pixel_values, t.detach())  # as ref_out is measured (NaFlex: real rows)
+                outputs[name] = t.detach().clone()
 
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.inference_mode():
@@ -267,19 +310,39 @@ def infer_site_rules(
     error: dict[str, float] = {}
     for site in lacking:
         want = ref_out[site].double()
-        scale = want.abs().max().item() or 1.0
+        want_in = ref_in.get(site) if ref_in is not None and site != EMBEDDINGS else None
         best: tuple[float, int, int, str] | None = None
         for name, got in outputs.items():
-            if tuple(got.shape) != tuple(want.shape):
+            err = _relative(select(pixel_values, got), want)
+            if err is None:
                 continue
-            err = (got.double() - want).abs().max().item() / scale
+            if want_in is not None:
+                got_in = inputs.get(name)
+                err_in = (
+                    None if got_in is None else _relative(select(pixel_values, got_in), select(pixel_values, want_in))
+                )
+                if err_in is None or err_in >= MAX_SITE_ERROR:
+                    continue  # not fed what this site is fed: another computation with a similar output
             key = (err, 0 if has_params[name] else 1, order[name], name)
             if best is None or key < best:
                 best = key
         if best is not None and best[0] < MAX_SITE_ERROR:
             chosen[site], error[site] = best[3], best[0]
+    first = chosen.get(FIRST_LAYER, FIRST_LAYER if FIRST_LAYER in names else None)
+    if EMBEDDINGS in chosen and first in inputs:
+        emb = outputs[chosen[EMBEDDINGS]]
+        if emb.shape != inputs[first].shape or not torch.equal(emb, inputs[first]):
+            del chosen[EMBEDDINGS], error[EMBEDDINGS]  # judged as layer 0's input instead
     pairs = sorted(((chosen[s], s) for s in chosen), key=lambda p: order[p[0]])
     return _generalise(pairs, by_majority=True), error
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float | None:
+    """max |got − want| / max |want|, or None when the shapes differ."""
+    if tuple(got.shape) != tuple(want.shape):
+        return None
+    want = want.double()
+    return (got.double() - want).abs().max().item() / (want.abs().max().item() or 1.0)
 
 
 _INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")

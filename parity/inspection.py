@@ -15,26 +15,14 @@ import torch
 
 from siglip_scratch.errors import OutputError
 
-from .candidate import RenameLike, as_rename_rules
+from .candidates import RenameLike, as_rename_rules, open_candidate
 from .infer import format_rename_map, infer_site_rules
-from .sites import apply_rename, site_names
+from .inputs import make_pixels, select
+from .reference import build_reference, record_reference
+from .sites import SITE_CONTRACT, apply_rename, site_names
+from .weights import resolve_weights
 
 __all__ = ["SITE_CONTRACT", "Inspection", "inspect_candidate"]
-
-SITE_CONTRACT = (
-    "site contract (what each canonical module must output; shapes for batch B, N patches, width D):\n"
-    "  vision_model.embeddings           [B, N, D] patch embeddings + position embeddings, before layer 0\n"
-    "  …layers.i.layer_norm1 / .layer_norm2   [B, N, D] the LayerNorm outputs (inputs of attention / MLP)\n"
-    "  …layers.i.self_attn / .mlp        [B, N, D] the sub-block outputs, before their residual add\n"
-    "  …layers.i                         [B, N, D] the layer output, after both residual adds\n"
-    "  vision_model.post_layernorm       [B, N, D] the final LayerNorm output (last_hidden_state)\n"
-    "  vision_model.head                 [B, D] the MAP-pooled output (pooler_output)\n"
-    "A module may return a tensor, a tuple/list (first item), an object with last_hidden_state, or a dict\n"
-    "with last_hidden_state. The model's own output (tensor, tuple, object or dict with last_hidden_state /\n"
-    "pooler_output) stands in for post_layernorm and head when no module carries them. Rename rules map\n"
-    "candidate names (module paths and parameter keys) to canonical ones, in order, each applied to the\n"
-    "previous rule's result."
-)
 
 
 @dataclass
@@ -86,10 +74,6 @@ def inspect_candidate(
     revision: str | None = None,
 ) -> Inspection:
     """Load the weights into the candidate as `compare` does, and say what meets what (see module doc)."""
-    from .compare import _prepare_candidate, _record_reference, make_pixels, resolve_weights
-    from .inputs import select
-    from .reference import build_reference
-
     given = as_rename_rules(rename)
     if weights is None and model is None and preset is None:
         preset = "google/siglip-base-patch16-224"
@@ -97,13 +81,16 @@ def inspect_candidate(
     config = w.config
     names = site_names(config, "fine")
     pixels = make_pixels(config, batch=1, seed=seed)
-    _, ref_out = _record_reference(build_reference(config, w.state_dict), names, pixels)
+    ref_in, ref_out = record_reference(build_reference(config, w.state_dict), names, pixels)
     ref_out = {k: select(pixels, v) for k, v in ref_out.items()}  # as measured (NaFlex: real rows only)
-    infer = rename is None
-    cand, _, load, inferred = _prepare_candidate(candidate, config, w.state_dict, given, "sdpa", [], infer=infer)
+    opened = open_candidate(candidate)
+    infer = rename is None and not opened.canonical_names
+    load = opened.load(config, w.state_dict, given, names=names, attn="sdpa", allowed=[], infer=infer)
+    cand = opened.module
+    assert cand is not None
     cand.eval()
-    param_rules = [tuple(r) for r in inferred["parameters"]] if infer else []
-    site_rules, closeness = infer_site_rules(cand, names, ref_out, pixels) if infer else ([], {})
+    param_rules = [tuple(r) for r in load.inferred_parameters] if infer else []
+    site_rules, closeness = infer_site_rules(cand, names, ref_out, pixels, ref_in) if infer else ([], {})
     rules = param_rules + site_rules if infer else [(p.pattern, r) for p, r in given]
     compiled = as_rename_rules(rules, "rename map")
     modules = {apply_rename(n, compiled): n for n, _ in cand.named_modules() if n}
@@ -127,7 +114,7 @@ def inspect_candidate(
         loaded=len(own) - len(load.unloaded),
         unloaded=load.unloaded,
         untaken=load.unexpected_keys,
-        parameter_account=inferred["account"],
+        parameter_account=load.account,
         rules=rules,
         inferred=infer,
         candidate_params=own,

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .inputs import ModelInputs, call, select
-from .sites import SiteProgress, first_tensor, hooks, replace_first_tensor
+from .sites import SiteProgress, first_tensor, hooks, teacher_forced
 
 __all__ = ["SiteTruth", "float64_units", "run_oracle", "unit_names"]
 
@@ -116,9 +116,7 @@ def run_oracle(
     truths: dict[str, SiteTruth] = {}
 
     def force(site: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if ref_in is None or site == "vision_model.embeddings" or site not in ref_in:
-            return None
-        return replace_first_tensor(args, kwargs, ref_in[site].to(torch.float64))
+        return teacher_forced(site, args, kwargs, ref_in, torch.float64)
 
     def reduce(site: str, output: Any) -> None:
         truth = first_tensor(output)

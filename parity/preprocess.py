@@ -35,7 +35,8 @@ from PIL import Image
 from siglip_scratch.errors import InputError
 from siglip_scratch.processor import Siglip2ImageProcessor, SiglipImageProcessor, to_rgb
 
-from .candidate import load_candidate_factory
+from . import render as renderers
+from .candidates.loading import load_candidate_factory
 
 __all__ = [
     "VARIANTS",
@@ -234,20 +235,7 @@ class ProcessorReport:
         return f"FAIL: preprocessing differs on {len(bad)}/{len(self.probes)} probe images (first: {worst.image}, {what}){cause}"
 
     def table(self) -> str:
-        lines = [
-            f"preprocessing: candidate {self.candidate} vs {self.reference}",
-            f"  {'probe image':<26}{'shape':>16}{'RMS lvl':>10}{'max lvl':>10}{'spread rms/max':>17}  result",
-        ]
-        for p in self.probes:
-            shape = "x".join(map(str, p.shape))
-            rms = "—" if p.rms_levels is None else f"{p.rms_levels:.3f}"
-            mx = "—" if p.max_levels is None else f"{p.max_levels:.2f}"
-            lines.append(
-                f"  {p.image:<26}{shape:>16}{rms:>10}{mx:>10}{p.spread_rms_levels:>9.3f}/{p.spread_max_levels:<7.2f}"
-                f"  {'ok' if p.passed else 'FAIL'}"
-            )
-        lines.append(self.verdict)
-        return "\n".join(lines)
+        return renderers.processor_table(self)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:

@@ -7,7 +7,8 @@ special-cases a version.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +16,17 @@ from torch import nn
 from siglip_scratch.config import AnyVisionConfig, Siglip2VisionConfig
 from siglip_scratch.errors import InputError
 
-__all__ = ["build_reference", "canonical_name", "naflex_arithmetic", "reference_prefix", "transformers_version"]
+from .inputs import ModelInputs, call
+from .sites import first_tensor, hooks, input_tensor, named_sites
+
+__all__ = [
+    "build_reference",
+    "canonical_name",
+    "naflex_arithmetic",
+    "record_reference",
+    "reference_prefix",
+    "transformers_version",
+]
 
 
 def _import_transformers():
@@ -102,3 +113,31 @@ def build_reference(
                 n = buf.shape[-1]
                 setattr(module, buf_name, torch.arange(n, device=device).expand((1, -1)))
     return model.eval()
+
+
+def record_reference(
+    reference: nn.Module, names: Sequence[str], inputs: ModelInputs
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Run the reference once on ``inputs`` and record, per site, its input (the tensor teacher forcing
+    replaces) and its output. Returns ``(inputs, outputs)`` keyed by canonical site name."""
+    prefix = reference_prefix(reference)
+    ref_sites = named_sites(reference, lambda n: canonical_name(n, prefix), names)
+    ref_in: dict[str, torch.Tensor] = {}
+    ref_out: dict[str, torch.Tensor] = {}
+
+    def record_in(site: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        t = input_tensor(args, kwargs)  # the same slot teacher forcing replaces
+        if t is not None:
+            ref_in[site] = t
+
+    def record_out(site: str, output: Any) -> None:
+        t = first_tensor(output)
+        if t is not None:
+            ref_out[site] = t
+
+    with torch.inference_mode(), hooks(ref_sites, on_input=record_in, on_output=record_out):
+        call(reference, inputs)
+    missing_ref = [n for n in names if n not in ref_out]
+    if missing_ref:
+        raise InputError(f"reference did not produce sites {missing_ref}", "reference", "report this")
+    return ref_in, ref_out

@@ -1,16 +1,7 @@
-"""Per-site metrics, the pass rule, and the report in its four forms (table, JSON, Markdown, plot).
+"""The report: what a comparison found (per-site results, load and weight checks) and its verdict.
 
-The pass rule (default): every site is judged against a float64 oracle (`oracle.py`). With
-``err(x) = RMS(x − truth) / RMS(truth)`` and ``err_max(x) = max|x − truth| / max|truth|``, a site passes
-when the candidate is not much worse than transformers itself at that site::
-
-    err(cand)     <= k     · err(ref)     + floor     · u
-    err_max(cand) <= k_max · err_max(ref) + floor_max · u
-
-with ``u`` the run dtype's unit roundoff and ``k``, ``floor`` per dtype in `ORACLE_RULES` (measured in
-docs/PARITY.md). A candidate *more* accurate than the reference always passes; a bit-identical site is
-``exact``. ``atol``/``rtol`` switch to the old absolute rule (``max|Δ| <= atol + rtol · max|x_ref|``),
-and the report says so.
+The metrics and the pass rule are in `judge.py`; the table, JSON, Markdown and plot renderers in
+`render.py` (``Report.table()`` and the others call them).
 
 JSON schema (stable; fields are only ever added)::
 
@@ -22,7 +13,7 @@ JSON schema (stable; fields are only ever added)::
      "inputs": {"batch", "images", "seed", "height", "width"},
      "first_divergent_site": str | null, "missing_keys": [..], "unexpected_keys": [..], "missing_sites": [..],
      "unloaded_parameters": [..], "mutated_weights": [..], "nonfinite_weights": [..],
-     "resolution": float | null, "notes": [str], "skipped_sites": [..],
+     "resolution": float | null, "notes": [str], "skipped_sites": [..], "not_exposed_sites": [..],
      "ranges": [{"site", "max_abs", "fp16_headroom", "flag", "underflow_fraction"}],
      "fp16_overflow_site": str | null,
      "diagnosis": {"site", "likely_cause": str | null, "limit", "variants": [{"variant", "err", "relative"}]} | null,
@@ -38,7 +29,9 @@ JSON schema (stable; fields are only ever added)::
 
 ``mode`` is ``both`` (the default: ``sites`` are the isolated comparison, which blames, and
 ``propagated_sites`` the end-to-end one), ``isolated`` or ``propagated``. ``status`` is one of
-``exact``, ``ok``, ``fail``, ``missing``, ``shape``, ``nonfinite``, ``skipped`` (``--skip-site``: not
+``exact``, ``ok``, ``fail``, ``missing``, ``shape``, ``nonfinite``, ``not_exposed`` (a sub-layer site no module of
+the candidate computes alone, e.g. attention written inline in the layer: not compared, never counted as passing,
+its layer's output judged instead), ``skipped`` (``--skip-site``: not
 compared; it neither passes nor fails, and the verdict says how many). Numbers that are not finite are
 written as ``null``.
 """
@@ -48,275 +41,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from . import render
+from .judge import FP16_MAX, SiteResult, fmt_num, fmt_ratio
 
-from siglip_scratch.errors import InputError, OutputError
-
-from .oracle import SiteTruth, rms
-
-__all__ = ["DEFAULT_TOLERANCES", "ORACLE_RULES", "UNIT_ROUNDOFF", "Report", "Rule", "SiteResult", "measure"]
-
-# The old absolute rule, used only when --atol/--rtol are given: (atol, rtol) per dtype.
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-12, 1e-12),
-    "float32": (1e-5, 5e-6),
-    "bfloat16": (1e-2, 5e-2),
-    "float16": (1e-3, 6e-3),
-}
-
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
-
-# (k, k_max, floor, floor_max) per dtype; floors in units of the dtype's unit roundoff.
-# Measured in docs/PARITY.md ("Choosing k and the floor").
-ORACLE_RULES: dict[str, tuple[float, float, float, float]] = {
-    "float64": (2.0, 4.0, 64.0, 512.0),
-    "float32": (2.0, 4.0, 1.0, 8.0),
-    "bfloat16": (2.0, 4.0, 0.25, 2.0),
-    "float16": (2.0, 4.0, 0.25, 2.0),
-}
-
-
-@dataclass(frozen=True)
-class Rule:
-    """How a site is judged: against the float64 oracle (default), or by the absolute rule."""
-
-    dtype: str
-    atol: float | None = None
-    rtol: float | None = None
-
-    @property
-    def absolute(self) -> bool:
-        return self.atol is not None or self.rtol is not None
-
-    def describe(self) -> dict[str, Any]:
-        if self.absolute:
-            a, r = DEFAULT_TOLERANCES[self.dtype]
-            return {"atol": a if self.atol is None else self.atol, "rtol": r if self.rtol is None else self.rtol}
-        k, k_max, floor, floor_max = ORACLE_RULES[self.dtype]
-        return {
-            "rule": "oracle",
-            "k": k,
-            "k_max": k_max,
-            "floor": floor,
-            "floor_max": floor_max,
-            "unit_roundoff": UNIT_ROUNDOFF[self.dtype],
-        }
-
-    def limits(self, truth: SiteTruth) -> tuple[float, float]:
-        """The largest ``err`` and ``err_max`` a candidate may have at a site."""
-        k, k_max, floor, floor_max = ORACLE_RULES[self.dtype]
-        u = UNIT_ROUNDOFF[self.dtype]
-        return k * truth.err_ref + floor * u, k_max * truth.err_ref_max + floor_max * u
-
-
-@dataclass
-class SiteResult:
-    name: str
-    max_abs: float | None = None
-    mean_abs: float | None = None
-    rel_l2: float | None = None
-    cosine: float | None = None
-    ref_max_abs: float | None = None
-    passed: bool = False
-    exact: bool = False
-    status: str = "missing"
-    note: str = ""
-    err_ref: float | None = None  # RMS(ref − truth) / RMS(truth)
-    err_cand: float | None = None  # RMS(cand − truth) / RMS(truth)
-    err_ref_max: float | None = None  # max|ref − truth| / max|truth|
-    err_cand_max: float | None = None
-    limit: float | None = None  # the bound on err_cand (oracle rule) or on max_abs (absolute rule)
-    limit_max: float | None = None  # the bound on err_cand_max (oracle rule)
-    nonfinite_side: str | None = None  # "candidate", "reference" or "oracle"
-    nonfinite_index: list[int] | None = None  # first non-finite element
-    # For failing sites: is the difference a systematic bias or noise-like? (see `_pattern`)
-    pattern: dict[str, Any] | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        """err_cand / err_ref: how much worse than transformers' own rounding."""
-        if self.err_cand is None or self.err_ref is None:
-            return None
-        if self.err_ref == 0:
-            return 1.0 if self.err_cand == 0 else math.inf
-        return self.err_cand / self.err_ref
-
-
-FP16_MAX = 65504.0
-FP16_TINY = 2.0**-24  # float16's smallest subnormal: smaller magnitudes flush to zero
-FP16_MARGIN = 8.0  # a site within this factor of float16's max is flagged as near overflow
-
-
-def range_scan(outputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per site, the reference's max |x| against float16's limits, and notes for the sites that matter.
-
-    Returns (one entry per site: ``site``, ``max_abs``, ``fp16_headroom`` (65504 / max|x|), ``flag``
-    (``"overflow"``, ``"near"`` within ×8 of 65504, ``"underflow"`` when over 1 % of the non-zero values
-    are below float16's smallest subnormal, else null), ``underflow_fraction``), notes)."""
-    entries: list[dict[str, Any]] = []
-    for site, t in outputs.items():
-        x = t.detach().abs().double()
-        finite = x[torch.isfinite(x)]
-        m = finite.max().item() if finite.numel() else None
-        if finite.numel() < x.numel() and bool(torch.isinf(x).any()):
-            m = math.inf  # the reference itself overflowed (a float16 run): that is the overflow
-        nonzero = finite[finite > 0]
-        under = (nonzero < FP16_TINY).double().mean().item() if nonzero.numel() else 0.0
-        flag = None
-        if m is not None and m > FP16_MAX:
-            flag = "overflow"
-        elif m is not None and m * FP16_MARGIN > FP16_MAX:
-            flag = "near"
-        elif under > 0.01:
-            flag = "underflow"
-        entries.append(
-            {
-                "site": site,
-                "max_abs": m,
-                "fp16_headroom": (FP16_MAX / m) if m else None,
-                "flag": flag,
-                "underflow_fraction": under,
-            }
-        )
-    notes = []
-    over = [e for e in entries if e["flag"] == "overflow"]
-    near = [e for e in entries if e["flag"] == "near"]
-    under = [e for e in entries if e["flag"] == "underflow"]
-    if over:
-        e = over[0]
-        size = "Inf in the reference itself" if math.isinf(e["max_abs"]) else f"max |x| {e['max_abs']:.3g} > 65504"
-        notes.append(f"float16 would overflow at {e['site']}: {size} ({len(over)} site(s) over float16's max)")
-    if near:
-        e = min(near, key=lambda e: e["fp16_headroom"])
-        notes.append(
-            f"{len(near)} site(s) within ×{FP16_MARGIN:g} of float16's max; closest {e['site']}: max |x| "
-            f"{e['max_abs']:.3g} (×{e['fp16_headroom']:.3g} headroom)"
-        )
-    if under:
-        e = max(under, key=lambda e: e["underflow_fraction"])
-        notes.append(
-            f"{len(under)} site(s) with over 1 % of values below float16's smallest subnormal; worst {e['site']} "
-            f"({100 * e['underflow_fraction']:.1f} %)"
-        )
-    return entries, notes
-
-
-def _first_nonfinite(t: torch.Tensor) -> list[int]:
-    bad = (~torch.isfinite(t)).nonzero()
-    return [int(i) for i in bad[0]] if len(bad) else []
-
-
-def measure(
-    name: str, candidate: torch.Tensor, reference: torch.Tensor, truth: SiteTruth | None, rule: Rule
-) -> SiteResult:
-    """Compare one site. Differences are computed in float64 on the reference's device."""
-    if tuple(candidate.shape) != tuple(reference.shape):
-        return SiteResult(
-            name, status="shape", note=f"shape {list(candidate.shape)} vs reference {list(reference.shape)}"
-        )
-    a = candidate.detach().to(device=reference.device, dtype=torch.float64)
-    b = reference.detach().to(torch.float64)
-    for side, t in (("reference", b), ("candidate", a)):
-        if not torch.isfinite(t).all():
-            index = _first_nonfinite(t)
-            return SiteResult(
-                name,
-                status="nonfinite",
-                note=f"{side} has NaN/Inf (first at index {index})",
-                nonfinite_side=side,
-                nonfinite_index=index,
-            )
-    if truth is not None and not truth.finite:
-        return SiteResult(name, status="nonfinite", note="the float64 oracle has NaN/Inf", nonfinite_side="oracle")
-    ref_max = b.abs().max().item() if b.numel() else 0.0
-    exact = torch.equal(candidate.detach().to(reference.device), reference.detach())
-    d = a - b
-    max_abs = d.abs().max().item() if d.numel() else 0.0
-    mean_abs = d.abs().mean().item() if d.numel() else 0.0
-    norm_b = b.norm().item()
-    rel_l2 = d.norm().item() / norm_b if norm_b > 0 else (0.0 if max_abs == 0 else None)
-    denom = a.norm().item() * norm_b
-    cosine = (a.flatten() @ b.flatten()).item() / denom if denom > 0 else (1.0 if exact else 0.0)
-    result = SiteResult(name, max_abs, mean_abs, rel_l2, cosine, ref_max, exact=exact)
-    if truth is not None:
-        e = d + truth.d_ref.to(torch.float64)  # cand − truth = (cand − ref) + (ref − truth)
-        result.err_ref, result.err_ref_max = truth.err_ref, truth.err_ref_max
-        result.err_cand = rms(e) / truth.scale_rms if truth.scale_rms > 0 else (0.0 if max_abs == 0 else math.inf)
-        e_max = e.abs().max().item() if e.numel() else 0.0
-        result.err_cand_max = e_max / truth.scale_max if truth.scale_max > 0 else (0.0 if e_max == 0 else math.inf)
-    if rule.absolute:
-        tol = rule.describe()
-        result.limit = tol["atol"] + tol["rtol"] * ref_max
-        result.passed = exact or max_abs <= result.limit
-    else:
-        assert truth is not None, "the oracle rule needs the oracle's truth"
-        result.limit, result.limit_max = rule.limits(truth)
-        result.passed = exact or (result.err_cand <= result.limit and result.err_cand_max <= result.limit_max)
-    result.status = "exact" if exact else ("ok" if result.passed else "fail")
-    if result.status == "fail":
-        result.pattern = _pattern(d, b)
-    return result
-
-
-SYSTEMATIC_BIAS = 0.5  # |mean signed Δ| over its spread
-CONCENTRATION = 10.0  # a channel (token) carrying this many times its even share of |Δ|
-
-
-def _pattern(d: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """Systematic or noise-like. How much of Δ's energy a simple structure explains: one offset per
-    channel (the last axis), one per token (the axis before it), or a multiple of the reference (a
-    scale); the mean signed Δ against its spread; and how concentrated |Δ| is in one channel or token.
-    A wrong constant (a missing bias, an eps, a scale) is explained by one of them; a different
-    summation order by none."""
-    energy = d.pow(2).sum().item()
-    flat = d.flatten()
-    mean, std = flat.mean().item(), flat.std().item() if flat.numel() > 1 else 0.0
-    bias = abs(mean) / std if std > 0 else (math.inf if mean else 0.0)
-    out: dict[str, Any] = {"mean": mean, "std": std, "bias": bias}
-    reasons = []
-    if energy > 0 and d.dim() >= 2:
-        rows = d.reshape(-1, d.shape[-1])
-        out["channel_offset_share"] = rows.shape[0] * rows.mean(0).pow(2).sum().item() / energy
-        per_channel = rows.abs().sum(0)
-        c = int(per_channel.argmax())
-        out["worst_channel"], out["channel_share"] = c, per_channel[c].item() / (per_channel.sum().item() or 1.0)
-        if out["channel_offset_share"] > 0.5:
-            reasons.append(f"a per-channel offset explains {100 * out['channel_offset_share']:.0f} % of Δ")
-        if out["channel_share"] > CONCENTRATION / d.shape[-1]:
-            reasons.append(f"channel {c} carries {100 * out['channel_share']:.0f} % of |Δ|")
-    if energy > 0 and d.dim() >= 3:
-        tokens = d.reshape(-1, d.shape[-2], d.shape[-1])
-        out["token_offset_share"] = d.shape[-1] * tokens.mean(-1).pow(2).sum().item() / energy
-        per_token = tokens.abs().sum((0, 2))
-        t = int(per_token.argmax())
-        out["worst_token"], out["token_share"] = t, per_token[t].item() / (per_token.sum().item() or 1.0)
-        if out["token_offset_share"] > 0.5:
-            reasons.append(f"a per-token offset explains {100 * out['token_offset_share']:.0f} % of Δ")
-        if out["token_share"] > CONCENTRATION / d.shape[-2]:
-            reasons.append(f"token {t} carries {100 * out['token_share']:.0f} % of |Δ|")
-    r2 = ref.pow(2).sum().item()
-    if energy > 0 and r2 > 0:
-        dot = (d.flatten() @ ref.flatten()).item()
-        out["scale_share"] = dot * dot / (energy * r2)
-        if out["scale_share"] > 0.5:
-            reasons.append(
-                f"Δ ≈ {dot / r2:+.2g}× the reference explains {100 * out['scale_share']:.0f} % of Δ (a scale)"
-            )
-    if bias > SYSTEMATIC_BIAS:
-        reasons.append(f"mean signed Δ {bias:.2g}× its spread")
-    out["kind"] = "systematic" if reasons else "noise-like"
-    out["summary"] = (
-        "systematic: " + "; ".join(reasons)
-        if reasons
-        else f"noise-like: no offset, scale or hot channel/token explains it (worst channel {out.get('worst_channel')}, "
-        f"token {out.get('worst_token')})"
-    )
-    return out
+__all__ = ["Report"]
 
 
 @dataclass
@@ -357,16 +89,21 @@ class Report:
         return [s.name for s in self.sites if s.status == "missing"]
 
     @property
+    def not_exposed_sites(self) -> list[str]:
+        """Sub-layer sites no module of the candidate computes alone: not compared, judged through their layer."""
+        return [s.name for s in self.sites if s.status == "not_exposed"]
+
+    @property
     def skipped_sites(self) -> list[str]:
         """Sites declared not applicable (``--skip-site``): not compared, shown SKIPPED, never counted as passing."""
         return [s.name for s in self.sites if s.status == "skipped"]
 
     @property
     def first_divergent_site(self) -> str | None:
-        first = self._first_failure()
+        first = self.first_failure()
         return first.name if first else None
 
-    def _first_failure(self) -> SiteResult | None:
+    def first_failure(self) -> SiteResult | None:
         return next((s for s in self.all_sites if not s.passed), None)
 
     @property
@@ -386,14 +123,20 @@ class Report:
         return max(limits) if limits else None
 
     def _run_label(self) -> str:
-        skipped = len(self.skipped_sites)
-        return f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}" + (
-            f"; {skipped} site(s) SKIPPED by --skip-site, not compared" if skipped else ""
+        skipped, hidden = len(self.skipped_sites), len(self.not_exposed_sites)
+        return (
+            f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}"
+            + (f"; {skipped} site(s) SKIPPED by --skip-site, not compared" if skipped else "")
+            + (
+                f"; {hidden} sub-layer site(s) NOT EXPOSED by the candidate, judged only through their layer's output"
+                if hidden
+                else ""
+            )
         )
 
     @property
     def verdict(self) -> str:
-        n = len(self.sites) - len(self.skipped_sites)
+        n = len(self.sites) - len(self.skipped_sites) - len(self.not_exposed_sites)
         run = self._run_label()
         if self.nonfinite_weights:
             return (
@@ -407,19 +150,19 @@ class Report:
             )
         if self.passed:
             n_exact = sum(s.exact for s in self.sites)
-            if all(s.exact for s in self.all_sites if s.status != "skipped"):
+            if all(s.exact for s in self.all_sites if s.status not in ("skipped", "not_exposed")):
                 return f"PASS: all {n} sites exact ({run})"
             if "rule" in self.tolerance:
                 worst = max(self.all_sites, key=lambda s: s.ratio or 0.0)
                 res = self.resolution
                 return (
                     f"PASS: {n} sites within the float64-oracle bound, {n_exact} exact, worst "
-                    f"{_x(worst.ratio)} transformers' own error at {worst.name}; a difference below "
+                    f"{fmt_ratio(worst.ratio)} transformers' own error at {worst.name}; a difference below "
                     f"{res:.2g} of a site's RMS could not have been seen ({run})"
                 )
             worst_abs = max((s.max_abs or 0.0) for s in self.all_sites)
             return f"PASS: {n} sites within tolerance (absolute rule), {n_exact} exact, worst max|Δ| {worst_abs:.3g} ({run})"
-        first = self._first_failure()
+        first = self.first_failure()
         if first is None:
             return (
                 f"FAIL: {len(self.unloaded_parameters)} candidate parameter(s) never loaded from the checkpoint: "
@@ -429,13 +172,13 @@ class Report:
         if first.status == "fail":
             if first.err_cand is not None and "rule" in self.tolerance:
                 detail = (
-                    f"error {_x(first.ratio)} transformers' own: err {first.err_cand:.3g} vs {first.err_ref:.3g}, "
+                    f"error {fmt_ratio(first.ratio)} transformers' own: err {first.err_cand:.3g} vs {first.err_ref:.3g}, "
                     f"bound {first.limit:.3g}; max|Δ| {first.max_abs:.3g}, cosine {first.cosine:.6f}"
                 )
                 if first.pattern:
                     detail += f"; {first.pattern['summary']}"
             else:
-                detail = f"max|Δ| {first.max_abs:.3g} > {first.limit:.3g}, rel L2 {_g(first.rel_l2)}, cosine {first.cosine:.6f}"
+                detail = f"max|Δ| {first.max_abs:.3g} > {first.limit:.3g}, rel L2 {fmt_num(first.rel_l2)}, cosine {first.cosine:.6f}"
         else:
             detail = first.note or first.status
         n_bad = sum(not s.passed for s in self.sites)
@@ -446,7 +189,6 @@ class Report:
             tail += f"; {len(self.unloaded_parameters)} parameter(s) never loaded"
         return f"FAIL: first divergent site {first.name}{where} ({detail}){tail} ({run})"
 
-    # -- renderings ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return _finite(
             {
@@ -466,6 +208,7 @@ class Report:
                 "unexpected_keys": self.unexpected_keys,
                 "missing_sites": self.missing_sites,
                 "skipped_sites": self.skipped_sites,
+                "not_exposed_sites": self.not_exposed_sites,
                 "unloaded_parameters": self.unloaded_parameters,
                 "mutated_weights": self.mutated_weights,
                 "nonfinite_weights": self.nonfinite_weights,
@@ -484,74 +227,6 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default) + "\n"
-
-    def _columns(self) -> tuple[list[str], list[list[str]]]:
-        oracle = "rule" in self.tolerance
-        first = self._first_failure()
-        prop = {s.name: s for s in self.propagated_sites} if self.propagated_sites is not None else None
-        if oracle and prop is not None:
-            header = ["", "site", "isolated err", "×ref", "propagated err", "×ref", "max|Δ|", "result"]
-        elif oracle:
-            header = ["", "site", "max|Δ|", "err cand", "err ref", "×ref", "bound", "result"]
-        else:
-            header = ["", "site", "max|Δ|", "mean|Δ|", "rel L2", "cosine", "ref max|x|", "result"]
-        rows = []
-        for s in self.sites:
-            p = prop.get(s.name) if prop is not None else None
-            bad = [r for r in (s, p) if r is not None and not r.passed]
-            mark = ">>" if first is not None and first in (s, p) else (" x" if bad else "  ")
-            if s.status in ("missing", "shape", "nonfinite") and not (
-                p and p.status not in ("missing", "shape", "nonfinite")
-            ):
-                nums = ["-"] * (len(header) - 3)
-            elif oracle and p is not None:
-                nums = [
-                    _g(s.err_cand),
-                    _x(s.ratio),
-                    _g(p.err_cand),
-                    _x(p.ratio),
-                    _g(max(s.max_abs or 0.0, p.max_abs or 0.0)),
-                ]
-            elif oracle:
-                nums = [_g(s.max_abs), _g(s.err_cand), _g(s.err_ref), _x(s.ratio), _g(s.limit)]
-            else:
-                nums = [_g(s.max_abs), _g(s.mean_abs), _g(s.rel_l2), f"{s.cosine:.7f}", _g(s.ref_max_abs)]
-            rows.append([mark, s.name, *nums, self._result(s, p)])
-        return header, rows
-
-    @staticmethod
-    def _result(s: SiteResult, p: SiteResult | None) -> str:
-        def one(r: SiteResult) -> str:
-            text = {"exact": "exact", "ok": "ok", "fail": "FAIL"}.get(r.status, r.status.upper())
-            if r.note and r.status not in ("exact", "ok", "fail"):
-                text += f" ({r.note})"
-            return text
-
-        if p is None or (one(s) == one(p)):
-            return one(s)
-        return f"{one(s)} isolated, {one(p)} propagated"
-
-    def _head(self) -> str:
-        tol = self.tolerance
-        if "rule" in tol:
-            rule = (
-                f"judged against a float64 oracle: err ≤ {tol['k']:g}×transformers' own + {tol['floor']:g}u, "
-                f"max err ≤ {tol['k_max']:g}×own + {tol['floor_max']:g}u (u = {tol['unit_roundoff']:.3g})"
-            )
-        else:
-            rule = f"ABSOLUTE rule (--atol/--rtol given): max|Δ| ≤ {tol['atol']:g} + {tol['rtol']:g}·max|x_ref|"
-        framework = self.candidate.get("framework")
-        cand = (
-            f"candidate {self.candidate['impl']} ({framework}, {self.candidate.get('runtime', 'unknown')})"
-            if framework
-            else f"candidate {self.candidate['impl']} ({self.candidate.get('attn', 'n/a')})"
-        )
-        return (
-            f"reference {self.reference['impl']} {self.reference['version']} ({self.reference['attn']}) vs "
-            f"{cand}; "
-            f"weights: {self.weights['source']} ({'synthetic' if self.weights['synthetic'] else 'real'}); "
-            f"{self.dtype} on {self.device}, {self.mode}; {rule}"
-        )
 
     @property
     def amplification(self) -> list[dict[str, Any]]:
@@ -608,150 +283,16 @@ class Report:
             )
         return f"amplification: accumulated error over layers {span} grows {growth}, within bounds throughout"
 
-    def _extras(self) -> list[str]:
-        extra = list(self.notes)
-        line = self.amplification_line() if not self.passed else None
-        if line:
-            extra.append(line)
-        if self.nonfinite_weights:
-            extra.append(f"weights with NaN/Inf: {', '.join(self.nonfinite_weights)}")
-        if self.mutated_weights:
-            extra.append(f"checkpoint tensors the candidate changed in place: {', '.join(self.mutated_weights)}")
-        if self.unloaded_parameters:
-            extra.append(
-                "candidate parameters never loaded from the checkpoint (still at their initial value): "
-                + ", ".join(self.unloaded_parameters)
-            )
-        if self.missing_keys:
-            extra.append(f"candidate parameters not filled by the checkpoint: {', '.join(self.missing_keys)}")
-        if self.unexpected_keys:
-            extra.append(f"checkpoint tensors the candidate did not take: {', '.join(self.unexpected_keys)}")
-        return extra
-
+    # -- renderings (render.py) --------------------------------------------------------------------
     def table(self) -> str:
-        header, body = self._columns()
-        rows = [header, *body]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        lines = []
-        for r in rows:
-            cells = [c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(r[:-1])]
-            lines.append("  ".join([*cells, r[-1]]).rstrip())
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join([self._head(), *lines, *self._extras(), self.verdict])
+        return render.table(self)
 
     def to_markdown(self) -> str:
-        header, body = self._columns()
-        header = [h.replace("|", "\\|") for h in header]
-        out = [f"### siglip-parity: {'✅' if self.passed else '❌'} {self.verdict}", "", self._head() + "."]
-        out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for r in body:
-            r[0] = "**→**" if r[0] == ">>" else ("✗" if r[0].strip() == "x" else "")
-            r[1] = f"`{r[1]}`"
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
-        out += ["", *(f"- {e}" for e in self._extras())] if self._extras() else []
-        if self.amplification:
-            out += [
-                "",
-                "Amplification (per layer: its own error, isolated, beside the error carried to it, propagated):",
-                "",
-            ]
-            out += ["| layer | local ×ref | accumulated ×ref |", "|---|---|---|"]
-            for r in self.amplification:
-                local = f"{_g(r['local_ratio'])}{'' if r['local_passed'] else ' ✗'}"
-                acc = f"{_g(r['accumulated_ratio'])}{'' if r['accumulated_passed'] else ' ✗'}"
-                out.append(f"| {r['site'].rsplit('.', 1)[-1]} | {local} | {acc} |")
-        return "\n".join(out) + "\n"
+        return render.markdown(self)
 
     def plot(self, path: str | Path) -> None:
         """Per-site error (against the float64 oracle, or max |Δ|) and its bound, log scale (needs matplotlib)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            import matplotlib.ticker
-        except ImportError:
-            raise InputError(
-                "--plot needs matplotlib, which is not installed", "--plot", 'pip install "siglip-scratch[plot]"'
-            ) from None
-        names = [s.name.replace("vision_model.", "").replace("encoder.layers.", "L") for s in self.sites]
-        oracle = "rule" in self.tolerance
-        floor = 1e-18
-        amp = [r for r in self.amplification if r["local_ratio"] is not None and r["accumulated_ratio"] is not None]
-        if amp:  # a second panel: local vs accumulated error per layer (a jump at one layer vs drift)
-            fig, (ax, ax_amp) = plt.subplots(
-                2, 1, figsize=(max(6, 0.25 * len(names)), 6.5), gridspec_kw={"height_ratios": [3, 2]}
-            )
-            layers = [int(r["site"].rsplit(".", 1)[-1]) for r in amp]
-            ax_amp.plot(
-                layers, [_plot_value(r["local_ratio"], floor) for r in amp], "o-", ms=3, label="local (isolated)"
-            )
-            ax_amp.plot(
-                layers,
-                [_plot_value(r["accumulated_ratio"], floor) for r in amp],
-                "^-",
-                ms=3,
-                label="accumulated (propagated)",
-            )
-            ax_amp.axhline(2.0, linestyle="--", linewidth=0.8, color="gray", label="rule: ×2 (+ a roundoff floor)")
-            ax_amp.set_yscale("log")
-            ax_amp.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax_amp.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-            ax_amp.set_xlabel("layer")
-            ax_amp.set_ylabel("× transformers' own error")
-            ax_amp.set_title("\n".join(textwrap.wrap(self.amplification_line() or "amplification", 95)), fontsize=7)
-            ax_amp.legend(fontsize=6)
-        else:
-            fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
-        x = range(len(names))
-        series = [("isolated" if self.propagated_sites is not None else self.mode, self.sites, "o")]
-        if self.propagated_sites is not None:
-            series.append(("propagated", self.propagated_sites, "^"))
-        for label, sites, marker in series:
-            vals = [_plot_value(s.err_cand if oracle else s.max_abs, floor) for s in sites]
-            colors = ["tab:red" if not s.passed else "tab:blue" for s in sites]
-            ax.scatter(x, vals, c=colors, s=14, marker=marker, zorder=3, label=f"candidate, {label}")
-            if oracle:
-                ax.plot(
-                    x, [_plot_value(s.err_ref, floor) for s in sites], linewidth=0.8, label=f"transformers, {label}"
-                )
-            ax.plot(
-                x, [_plot_value(s.limit, floor) for s in sites], linestyle="--", linewidth=0.8, label=f"bound, {label}"
-            )
-        ax.set_yscale("log")
-        ax.set_xticks(list(x), names, rotation=90, fontsize=6)
-        ax.set_ylabel("RMS error vs float64 oracle / RMS" if oracle else "max |Δ|")
-        ax.set_title("\n".join(textwrap.wrap(self.verdict, 95)), fontsize=7)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        try:
-            fig.savefig(path, dpi=120)
-        except OSError as exc:
-            raise OutputError(f"cannot write plot ({exc})", str(path), None) from None
-        finally:
-            plt.close(fig)
-
-
-def _plot_value(x: float | None, floor: float) -> float:
-    if x is None or not math.isfinite(x):
-        return float("nan")
-    return max(x, floor)
-
-
-def _g(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    return f"{x:.3e}"
-
-
-def _x(ratio: float | None) -> str:
-    if ratio is None:
-        return "-"
-    if not math.isfinite(ratio):
-        return "×inf"
-    return f"×{ratio:.3g}"
+        render.plot(self, path)
 
 
 def _finite(obj: Any) -> Any:

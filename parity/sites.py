@@ -21,6 +21,9 @@ from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import InputError
 
 __all__ = [
+    "EMBEDDINGS",
+    "FIRST_LAYER",
+    "SITE_CONTRACT",
     "Depth",
     "RenameRules",
     "SiteProgress",
@@ -29,11 +32,29 @@ __all__ = [
     "input_tensor",
     "replace_first_tensor",
     "site_names",
+    "teacher_forced",
+    "teacher_input",
 ]
 
 Depth = Literal["coarse", "fine"]
 RenameRules = Sequence[tuple[re.Pattern[str], str]]
 SUBLAYER_SITES = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+SITE_CONTRACT = (
+    "site contract (what each canonical module must output; shapes for batch B, N patches, width D):\n"
+    "  vision_model.embeddings           [B, N, D] patch embeddings + position embeddings, before layer 0\n"
+    "  …layers.i.layer_norm1 / .layer_norm2   [B, N, D] the LayerNorm outputs (inputs of attention / MLP)\n"
+    "  …layers.i.self_attn / .mlp        [B, N, D] the sub-block outputs, before their residual add\n"
+    "  …layers.i                         [B, N, D] the layer output, after both residual adds\n"
+    "  vision_model.post_layernorm       [B, N, D] the final LayerNorm output (last_hidden_state)\n"
+    "  vision_model.head                 [B, D] the MAP-pooled output (pooler_output)\n"
+    "A module may return a tensor, a tuple/list (first item), an object with last_hidden_state, or a dict\n"
+    "with last_hidden_state. The model's own output (tensor, tuple, object or dict with last_hidden_state /\n"
+    "pooler_output) stands in for post_layernorm and head when no module carries them. Rename rules map\n"
+    "candidate names (module paths and parameter keys) to canonical ones, in order, each applied to the\n"
+    "previous rule's result."
+)
+EMBEDDINGS = "vision_model.embeddings"
+FIRST_LAYER = "vision_model.encoder.layers.0"
 
 
 def site_names(config: SiglipVisionConfig, depth: Depth = "coarse") -> list[str]:
@@ -103,6 +124,45 @@ def replace_first_tensor(
         assert isinstance(where, int)
         return (*args[:where], new, *args[where + 1 :]), kwargs
     return args, {**kwargs, where: new}
+
+
+def teacher_input(site: str, ref_in: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The teacher-forcing rule, in one place: the reference's recorded input to ``site``, or None where a site
+    is never teacher-forced.
+
+    The embeddings site is never forced: its input is the model input, which both sides already share, and what
+    a candidate's embeddings module takes (pixels, patches before the position add) is its own business. A site
+    the reference recorded no input for is not forced either.
+    """
+    if ref_in is None or site == EMBEDDINGS or site not in ref_in:
+        return None
+    return ref_in[site]
+
+
+def teacher_forced(
+    site: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ref_in: Mapping[str, torch.Tensor] | None,
+    dtype: torch.dtype | None = None,
+    module: nn.Module | None = None,
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A forward pre-hook's replacement ``(args, kwargs)`` under teacher forcing (see `teacher_input`), or None.
+
+    The module gets a fresh *copy* of the reference's tensor, so a module that writes into its input
+    (``x += …``, ``x.mul_(…)``) changes its own copy, never the recorded reference. The copy is in ``dtype``
+    (the float64 oracle), else in the dtype the module computes in: its parameters' (a port kept in float64, a
+    norm kept in float32), else the dtype of the tensor it was about to get.
+    """
+    given = teacher_input(site, ref_in)
+    if given is None:
+        return None
+    if dtype is None and module is not None:
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    current = input_tensor(args, kwargs)
+    if dtype is None and current is not None and current.is_floating_point():
+        dtype = current.dtype
+    return replace_first_tensor(args, kwargs, given.to(dtype=dtype or given.dtype, copy=True))
 
 
 class SiteProgress:

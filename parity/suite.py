@@ -26,9 +26,11 @@ from siglip_scratch.cli_common import run
 from siglip_scratch.config import NAFLEX_PRESETS
 from siglip_scratch.errors import OutputError, SourceError
 
-from .compare import Weights, compare, resolve_weights
+from .compare import compare
 from .golden import GOLDEN_CASES, run_golden
 from .preprocess import processor_for_source
+from .reference import transformers_version
+from .weights import Weights, resolve_weights
 
 PRESETS = (
     "google/siglip-base-patch16-224",
@@ -241,7 +243,6 @@ def _main(args: argparse.Namespace) -> int:
     ok = not failed and golden_ok
     total = time.perf_counter() - t_start
     _write_reports(out_dir, reports, ok)
-    from .reference import transformers_version
 
     print(
         f"\n{'PASS' if ok else 'FAIL'}: {n_rows} comparisons ({'all pass' if not failed else 'some FAIL'}), "

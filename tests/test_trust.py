@@ -27,7 +27,7 @@ from siglip_scratch import SiglipVisionConfig, SiglipVisionModel, get_preset
 from siglip_scratch.modeling import synthetic_state_dict
 from siglip_scratch.parity import ORACLE_RULES, Weights, compare, compile_rename
 from siglip_scratch.parity.cli import main as parity_main
-from siglip_scratch.parity.report import UNIT_ROUNDOFF
+from siglip_scratch.parity.judge import UNIT_ROUNDOFF
 
 from . import honest
 from . import planted_bugs as bugs
@@ -289,7 +289,7 @@ def test_cli_mutating_candidate_exit_1(tmp_path, capsys, hf):
 
 # -- every candidate parameter is accounted for -------------------------------------------------------------
 def _timm_like_class():
-    from siglip_scratch.parity.candidate import load_candidate_factory
+    from siglip_scratch.parity.candidates import load_candidate_factory
 
     return load_candidate_factory(f"{REPO / 'examples/timm_like.py'}:TimmLikeSiglip")
 

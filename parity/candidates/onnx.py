@@ -11,26 +11,28 @@ the one non-constant value the scope consumes from outside.
   runs on the reference's input to that site, which the harness hands in exactly as it teacher-forces a
   PyTorch module.
 
-Both go through the harness unchanged: `OnnxCandidate` is a module tree with the canonical site names, like
-`activations.ActivationCandidate`. NaFlex graphs (three inputs, masks) are not supported yet.
+Both go through the harness unchanged: the graph is replayed through a `replay.ReplayTree` with the canonical site
+names, like `activations.ActivationCandidate`. NaFlex graphs (three inputs, masks) are not supported yet.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from siglip_scratch.errors import InputError, SourceError
 
-from .sites import RenameRules, apply_rename
+from ..sites import EMBEDDINGS, RenameRules, apply_rename, site_names
+from .base import Candidate
+from .loading import LoadResult
+from .replay import ReplayTree
 
-__all__ = ["OnnxCandidate", "load_onnx_candidate"]
+__all__ = ["OnnxCandidate"]
 
 _CONSTANT_OPS = ("Constant", "ConstantOfShape")
 
@@ -56,27 +58,28 @@ def _module_path(node_name: str) -> str | None:
     return ".".join(parts) if parts else None
 
 
-class _Site(nn.Module):
-    def __init__(self, owner: OnnxCandidate, site: str):
+class OnnxCandidate(Candidate):
+    """An ONNX graph judged as a candidate (see module doc). Opening checks that onnxruntime is installed and the
+    file exists; `load` reads the graph and finds the sites."""
+
+    kind = "onnx"
+
+    def __init__(self, path: str | os.PathLike[str]):
         super().__init__()
-        self._owner = [owner]  # not a submodule
-        self.site = site
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._owner[0].site_output(self.site, x)
-
-
-class OnnxCandidate(nn.Module):
-    """An ONNX graph judged as a candidate (see module doc)."""
-
-    external_candidate = True  # its weights are in the graph
-
-    def __init__(self, path: str | os.PathLike[str], sites: Sequence[str], rename: RenameRules = ()):
-        super().__init__()
-        onnx, ort = _require()
+        _require()
         self.path = Path(path)
         if not self.path.is_file():
             raise SourceError("ONNX model not found", str(self.path), "check the path")
+
+    def check_run(self, dtype: str) -> None:
+        if dtype != "float32":
+            raise InputError(
+                f"an ONNX candidate runs in its graph's float32, not {dtype}", "--dtype", "use --dtype float32"
+            )
+
+    def load(self, config, state, rules, *, names, attn, allowed, infer) -> LoadResult:
+        onnx, ort = _require()
+        sites = site_names(config, "fine")
         try:
             self.model = onnx.shape_inference.infer_shapes(onnx.load(str(self.path)))
         except Exception as exc:  # onnx raises its own types for a corrupt file
@@ -90,7 +93,7 @@ class OnnxCandidate(nn.Module):
             )
         self.input_name = next(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
         self.sites = list(sites)
-        self.ios = self._find_sites(graph, rename)
+        self.ios = self._find_sites(graph, rules)
         self.ort = ort
         self.info = {
             "impl": f"onnx {self.path}",
@@ -103,11 +106,8 @@ class OnnxCandidate(nn.Module):
         self.run_mode = "propagated"
         self._stored: dict[str, torch.Tensor] = {}
         self._sessions: dict[str, Any] = {}
-        from .activations import _install
-
-        for site in self.sites:
-            if site in self.ios:
-                _install(self, site, _Site(self, site))
+        self.module = ReplayTree(self, [s for s in self.sites if s in self.ios])
+        return LoadResult(via="the ONNX graph's own initializers")
 
     # -- graph analysis ------------------------------------------------------------------------------------
     def _find_sites(self, graph: Any, rename: RenameRules) -> dict[str, tuple[str, str]]:
@@ -192,11 +192,14 @@ class OnnxCandidate(nn.Module):
                 have.add(value)
         return model
 
-    def set_run_mode(self, mode: str) -> None:
+    def to(self, device: str, dtype: torch.dtype) -> None:
+        pass  # onnxruntime runs the graph on the CPU in its own dtype; outputs come back as CPU tensors
+
+    def set_mode(self, mode: str) -> None:
         self.run_mode = mode
 
-    def site_output(self, site: str, x: torch.Tensor) -> torch.Tensor:
-        if self.run_mode == "propagated" or site == "vision_model.embeddings":
+    def emit(self, site: str, x: torch.Tensor | None) -> torch.Tensor:
+        if self.run_mode == "propagated" or site == EMBEDDINGS or x is None:
             return self._stored[site]
         import onnx
 
@@ -207,7 +210,7 @@ class OnnxCandidate(nn.Module):
         out = self._sessions[site].run([dst], {src: x.detach().cpu().numpy()})[0]
         return torch.from_numpy(np.ascontiguousarray(out))
 
-    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def replay(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
         session = self._session("full", self._full())
         feed = pixel_values.detach().cpu().numpy()
         wanted = sorted({v for pair in self.ios.values() for v in pair} - {self.input_name})
@@ -222,9 +225,4 @@ class OnnxCandidate(nn.Module):
             if site in self.ios:
                 # Each site is called on its own input from this run; in isolated mode the harness replaces
                 # that with the reference's input (teacher forcing) before the sub-graph runs on it.
-                self.get_submodule(site)(tensor(self.ios[site][0]))
-        return None
-
-
-def load_onnx_candidate(path: str, sites: Sequence[str], rename: RenameRules = ()) -> OnnxCandidate:
-    return OnnxCandidate(path, sites, rename)
+                yield site, tensor(self.ios[site][0])

@@ -1,4 +1,8 @@
-"""Candidates: our encoder, or any user's ``nn.Module``, and putting the shared weights into it."""
+"""Putting the shared weights into a PyTorch candidate, importing its factory, and running its forward.
+
+Used by `module.ModuleCandidate` (a user's module or factory); `load_weights_into` documents the order in which
+rename rules and a ``load_hf_state_dict`` loader compose.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import InputError
 from siglip_scratch.files import read_json
 
-from .sites import RenameRules, apply_rename, compile_rename
+from ..sites import RenameRules, apply_rename, compile_rename
 
 __all__ = [
     "CheckpointView",
     "LoadResult",
     "RenameLike",
     "as_rename_rules",
-    "forward_candidate",
+    "build_candidate",
     "load_candidate_factory",
     "load_rename_map",
     "load_weights_into",
@@ -89,24 +93,6 @@ def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.M
     return module
 
 
-def forward_candidate(candidate: nn.Module, pixel_values: Any) -> Any:
-    """``candidate(pixel_values)`` (NaFlex: ``candidate(pixel_values=…, pixel_attention_mask=…, spatial_shapes=…)``);
-    the candidate is user code, so anything it raises becomes a one-line `InputError` (our own
-    `InputError`s, e.g. from hooks, pass through)."""
-    from .inputs import call
-
-    try:
-        return call(candidate, pixel_values)
-    except InputError:
-        raise
-    except Exception as exc:  # the user's forward may raise anything
-        raise InputError(
-            f"candidate forward raised {type(exc).__name__}: {exc}".splitlines()[0],
-            f"pixel_values shape {list(pixel_values.shape)}",
-            "run the candidate on this input by itself to debug it",
-        ) from None
-
-
 def load_rename_map(path: str | os.PathLike[str]) -> RenameRules:
     path = Path(path)
     spec = read_json(path, what="rename map", error=InputError, fix="fix the file")
@@ -156,6 +142,8 @@ class LoadResult:
     via: str = "state_dict"
     unloaded: list[str] = field(default_factory=list)  # candidate tensors still at their initial value
     allowed_unloaded: list[str] = field(default_factory=list)  # ... that --allow-unloaded lets pass
+    inferred_parameters: list[tuple[str, str]] = field(default_factory=list)  # rules inferred for the parameters
+    account: str = ""  # one line on how the parameters were matched (no --rename given)
 
 
 class CheckpointView(MutableMapping[str, torch.Tensor]):
@@ -202,7 +190,7 @@ class CheckpointView(MutableMapping[str, torch.Tensor]):
 
 
 def load_weights_into(
-    candidate: nn.Module,
+    module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
     rules: RenameRules,
     spec: str,
@@ -223,8 +211,8 @@ def load_weights_into(
     3. Whatever is still NaN (or was never assigned) was never loaded (``unloaded``), whatever its
        initial value was. Integer buffers (index tables) are not weights and are not checked.
     """
-    own = candidate.state_dict(keep_vars=True)  # parameters and persistent buffers: the weights
-    hook = getattr(candidate, "load_hf_state_dict", None)
+    own = module.state_dict(keep_vars=True)  # parameters and persistent buffers: the weights
+    hook = getattr(module, "load_hf_state_dict", None)
     hook = hook if callable(hook) else None
     weights = [k for k, t in own.items() if t.is_floating_point()]
     used: set[str] = set()
@@ -232,9 +220,9 @@ def load_weights_into(
     unexpected: list[str] = []
     if hook is not None:
         for key in weights:
-            _set_placeholder(candidate, key, own[key])
+            _set_placeholder(module, key, own[key])
 
-    current = candidate.state_dict(keep_vars=True)
+    current = module.state_dict(keep_vars=True)
     assign: dict[str, torch.Tensor] = {}
     for key, tensor_now in current.items():
         canonical = apply_rename(key, rules)
@@ -257,7 +245,7 @@ def load_weights_into(
         # loader or reported below as unloaded, never silently dropped. With a loader the rules copy
         # (the placeholders are the candidate's own storage); without one they share the tensors.
         with torch.no_grad():
-            result = candidate.load_state_dict(assign, strict=False, assign=hook is None)
+            result = module.load_state_dict(assign, strict=False, assign=hook is None)
         assert not result.unexpected_keys and set(result.missing_keys) == set(current) - set(assign)
 
     filled: set[str] = set()
@@ -271,7 +259,7 @@ def load_weights_into(
             ) from None
         missing, unexpected = _read_load_return(returned)
         used |= view.read
-        after_hook = candidate.state_dict(keep_vars=True)
+        after_hook = module.state_dict(keep_vars=True)
         filled = {k for k in weights if k in after_hook and not _still_placeholder(after_hook[k])}
 
     # Filled by the loader (NaN-free) or by the rules (the checkpoint's own tensor, whatever it holds: NaN

@@ -1,0 +1,177 @@
+"""Candidate runs: the candidate's forward under hooks that judge each site as its output arrives (and, in
+isolated mode, teacher-force each site's input), and the capture the diagnosis needs."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from siglip_scratch.config import AnyVisionConfig
+
+from .candidates import Candidate, build_ours
+from .diagnose import Diagnosis, diagnose, naflex_context
+from .inputs import ModelInputs, NaflexInputs, select
+from .judge import Rule, SiteResult, measure
+from .oracle import SiteTruth
+from .sites import (
+    EMBEDDINGS,
+    FIRST_LAYER,
+    SUBLAYER_SITES,
+    RenameRules,
+    SiteProgress,
+    apply_rename,
+    first_tensor,
+    hooks,
+    input_tensor,
+    named_sites,
+    teacher_forced,
+)
+from .truth import Truth
+
+__all__ = ["diagnose_failure", "judged_run"]
+
+
+def _sites_of(cand: Candidate, names: Sequence[str]) -> dict[str, nn.Module]:
+    assert cand.module is not None
+    rules = cand.site_rules
+    return named_sites(cand.module, lambda n: apply_rename(n, rules) if rules else n, names)
+
+
+def judged_run(
+    cand: Candidate,
+    truth: Truth,
+    inputs: ModelInputs,
+    *,
+    isolated: bool,
+    truths: Mapping[str, SiteTruth] | None,
+    rule: Rule,
+    progress: SiteProgress | None = None,
+) -> list[SiteResult]:
+    """One candidate forward, every site measured against the reference (and ``truths``, the oracle) as its
+    output arrives, so a later in-place op cannot change what was measured."""
+    names, ref_out = truth.names, truth.ref_out
+    cand_sites = _sites_of(cand, names)
+    results: dict[str, SiteResult] = {
+        n: SiteResult(n, status="skipped", passed=True, note="--skip-site: not compared") for n in truth.skipped
+    }
+
+    def judge(site: str, tensor: torch.Tensor) -> SiteResult:
+        return measure(site, select(inputs, tensor), ref_out[site], truths[site] if truths is not None else None, rule)
+
+    def on_output(site: str, output: Any) -> None:
+        if progress is not None:
+            progress.done(site)
+        if site in truth.skipped:
+            return
+        t = first_tensor(output)
+        if t is None:
+            results[site] = SiteResult(site, status="shape", note=f"module returned {type(output).__name__}")
+        else:
+            results[site] = judge(site, t)
+
+    # A port without an embeddings module still has the embeddings: they are layer 0's input.
+    emb_from_first = EMBEDDINGS in names and EMBEDDINGS not in cand_sites and FIRST_LAYER in cand_sites
+
+    def on_input(site: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if emb_from_first and site == FIRST_LAYER and EMBEDDINGS not in results:
+            t = input_tensor(args, kwargs)
+            if t is not None:
+                results[EMBEDDINGS] = judge(EMBEDDINGS, t)
+                results[EMBEDDINGS].note = "the input of layer 0 (the candidate has no embeddings module)"
+        return teacher_forced(site, args, kwargs, truth.ref_in, module=cand_sites[site]) if isolated else None
+
+    hooked = hooks(cand_sites, on_input=on_input if (isolated or emb_from_first) else None, on_output=on_output)
+    with torch.inference_mode(), hooked:
+        output = cand.forward(inputs)
+
+    # Candidates without module-level sites still expose their final outputs.
+    fallbacks = {"vision_model.post_layernorm": first_tensor(output), "vision_model.head": _pooled(output)}
+    for site, tensor in fallbacks.items():
+        if site in names and site not in results and tensor is not None:
+            results[site] = judge(site, tensor)
+            results[site].note = "from the model's output"
+    for site in names:  # a sub-layer computed inline in its layer (no module of its own): its layer is judged
+        layer, _, sub = site.rpartition(".")
+        if site not in results and sub in SUBLAYER_SITES and results.get(layer, SiteResult(layer)).status != "missing":
+            results[site] = SiteResult(
+                site, status="not_exposed", passed=True, note=f"no module computes it alone; judged through {layer}"
+            )
+    missing = [n for n in names if n not in results]
+    notes = _missing_notes(cand, missing) if missing else {}
+    return [results.get(n, SiteResult(n, status="missing", note=notes.get(n, ""))) for n in names]
+
+
+def _missing_notes(cand: Candidate, missing: Sequence[str]) -> dict[str, str]:
+    """For each site the candidate lacks: its closest module names (as the rename rules leave them), so the
+    fix (a --rename rule) can be written from the report alone."""
+    assert cand.module is not None
+    rules: RenameRules = cand.site_rules
+    renamed = {(apply_rename(n, rules) if rules else n): n for n, _ in cand.module.named_modules() if n}
+    out = {}
+    for site in missing:
+        close = difflib.get_close_matches(site, list(renamed), n=2, cutoff=0.0)
+        shown = ", ".join(renamed[c] + (f" (renamed {c})" if c != renamed[c] else "") for c in close)
+        out[site] = "candidate has no such module" + (
+            f"; closest: {shown}; map one with a --rename rule" if shown else "; it has no submodules at all"
+        )
+    return out
+
+
+def diagnose_failure(
+    cand: Candidate,
+    config: AnyVisionConfig,
+    state: Mapping[str, torch.Tensor],
+    attn: str,
+    truth: Truth,
+    inputs: ModelInputs,
+    failed: SiteResult,
+) -> Diagnosis | None:
+    """Capture the candidate's output at the failing site (teacher-forced, as judged) and rank the known-bug
+    variants of our module for that site against it."""
+    site = failed.name
+    cand_sites = _sites_of(cand, truth.names)
+    if site not in cand_sites:
+        return None
+    captured: dict[str, torch.Tensor] = {}
+
+    def on_output(name: str, output: Any) -> None:
+        t = first_tensor(output)
+        if name == site and t is not None:
+            captured[name] = t.detach().clone()  # a copy: a later in-place op must not change it
+
+    def on_input(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return teacher_forced(name, args, kwargs, truth.ref_in, module=cand_sites[name])
+
+    cand.set_mode("isolated")
+    try:
+        with torch.inference_mode(), hooks({site: cand_sites[site]}, on_input=on_input, on_output=on_output):
+            cand.forward(inputs)
+    except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
+        return None
+    if site not in captured:
+        return None
+    ours = build_ours(config, state, attn)
+    context = naflex_context(inputs, config) if isinstance(inputs, NaflexInputs) else None
+    return diagnose(
+        site,
+        ours.get_submodule(site),
+        truth.ref_in[site],
+        captured[site],
+        truth.ref_out[site],
+        config,
+        failed.limit,
+        context,
+    )
+
+
+def _pooled(output: Any) -> torch.Tensor | None:
+    pooled = output.get("pooler_output") if isinstance(output, Mapping) else getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+        return output[1]
+    return None
