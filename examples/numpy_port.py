@@ -144,6 +144,13 @@ def main() -> None:
     ap.add_argument("export", help="the folder siglip-parity export-inputs wrote")
     ap.add_argument("out", help="where to write the activations (.npz)")
     ap.add_argument("--bug", choices=["eps"], help="plant a known porting bug")
+    ap.add_argument(
+        "--names",
+        choices=["prefixed", "plain", "layers"],
+        default="prefixed",
+        help="prefixed (default): isolated/<site> and propagated/<site>; plain: the end-to-end run only, names "
+        "without a prefix; layers: the end-to-end layer outputs only (what a llama.cpp graph callback dumps)",
+    )
     args = ap.parse_args()
     export = Path(args.export)
     manifest = json.loads((export / "manifest.json").read_text())
@@ -154,10 +161,16 @@ def main() -> None:
     inputs = load_file(str(export / "inputs.safetensors"))
     port = NumpySiglip(load_file(str(export / manifest["weights"]["file"])), manifest["config"], bug=args.bug)
     pixels = inputs["pixel_values"].astype(np.float32)
-    arrays = {f"propagated/{k}": v for k, v in port.propagated(pixels).items()}
-    for site in manifest["sites"]:
-        x = inputs[site["input"]].astype(np.float32)
-        arrays[f"isolated/{site['name']}"] = port.isolated(site["name"], x)
+    propagated = port.propagated(pixels)
+    if args.names == "plain":
+        arrays = dict(propagated)
+    elif args.names == "layers":
+        arrays = {k: v for k, v in propagated.items() if k.rpartition(".")[2].isdigit()}
+    else:
+        arrays = {f"propagated/{k}": v for k, v in propagated.items()}
+        for site in manifest["sites"]:
+            x = inputs[site["input"]].astype(np.float32)
+            arrays[f"isolated/{site['name']}"] = port.isolated(site["name"], x)
     meta = json.dumps({"framework": "numpy (examples/numpy_port.py)", "runtime": f"numpy {np.__version__}"})
     np.savez(
         args.out, __meta__=np.array(meta), **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}

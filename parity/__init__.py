@@ -4,13 +4,33 @@ Installed as ``siglip_scratch.parity`` (see ARCHITECTURE.md). transformers is im
 when a reference is built, so importing this package never needs it.
 """
 
-from .compare import assert_parity, compare
-from .inputs import make_pixels
-from .judge import DEFAULT_TOLERANCES, ORACLE_RULES, SiteResult
-from .options import RunOptions
-from .report import Report
-from .sites import compile_rename, site_names
-from .weights import Weights, resolve_weights
+from importlib import import_module
+from typing import Any
+
+# Loaded on first use (PEP 562): `siglip-parity` parses its arguments before torch is imported.
+_LAZY = {
+    "assert_parity": "compare",
+    "compare": "compare",
+    "make_pixels": "inputs",
+    "DEFAULT_TOLERANCES": "judge",
+    "ORACLE_RULES": "judge",
+    "SiteResult": "judge",
+    "Report": "report",
+    "RunOptions": "options",
+    "compile_rename": "sites",
+    "site_names": "sites",
+    "Weights": "weights",
+    "resolve_weights": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_TOLERANCES",

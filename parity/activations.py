@@ -62,6 +62,7 @@ def export_inputs(
     dtype: str = "float32",
     revision: str | None = None,
     with_weights: bool | None = None,
+    synthetic: str = "trained",
 ) -> Path:
     """Write ``inputs.safetensors``, ``manifest.json`` (and ``weights.safetensors`` for synthetic weights, or
     when ``with_weights``) into ``out_dir``. Returns the folder."""
@@ -70,7 +71,9 @@ def export_inputs(
         raise OutputError("exists and is not an empty folder", str(out), "give a new or empty folder")
     if preset is None and model is None and weights is None:
         preset = "google/siglip-base-patch16-224"
-    w = resolve_weights(weights=weights, model=model, preset=preset, seed=seed, dtype=dtype, revision=revision)
+    w = resolve_weights(
+        weights=weights, model=model, preset=preset, seed=seed, dtype=dtype, revision=revision, synthetic=synthetic
+    )
     config = w.config
     processor = processor_for_source(weights, model, preset, revision, config=config) if images else None
     inputs = make_pixels(config, images=images, batch=batch, seed=seed, processor=processor)
@@ -98,6 +101,7 @@ def export_inputs(
             "weights": str(Path(weights).resolve()) if weights else None,
             "revision": revision,
             "seed": seed,
+            "regime": w.regime,
             "fingerprint": fingerprint_digest(w.state_dict),
             "file": "weights.safetensors" if write_weights else None,
         },

@@ -15,8 +15,6 @@ from pathlib import Path
 from siglip_scratch.cli_common import EXIT_FAIL, EXIT_OK, OneLineParser, parse, run
 from siglip_scratch.errors import OutputError
 
-from . import render
-
 
 def add_weight_source(p: argparse.ArgumentParser, title: str, seed_default: int | None) -> None:
     """The weight-source arguments, shared by the comparison, ``inspect`` and ``export-inputs``."""
@@ -27,6 +25,13 @@ def add_weight_source(p: argparse.ArgumentParser, title: str, seed_default: int 
     src.add_argument("--revision", help="hub revision for --model")
     src.add_argument(
         "--seed", type=int, default=seed_default, help="seed for synthetic weights and random pixels (default 0)"
+    )
+    src.add_argument(
+        "--synthetic",
+        choices=["trained", "iid"],
+        default="trained",
+        help="synthetic weights' regime for --preset: trained (default: a trained tower's activations, a few "
+        "residual channels in the hundreds, attention logits in the tens) or iid (the plain N(0, 1/fan_in) draw)",
     )
 
 
@@ -102,15 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mode",
         choices=["both", "propagated", "isolated"],
-        default="both",
+        default=None,
         help="isolated: each candidate site gets the reference's input to it (exact blame); propagated: both "
-        "run end to end (the accumulated effect); both (default): the two, failing if either fails",
+        "run end to end (the accumulated effect); both (default; with --candidate-activations, the modes the "
+        "file carries): the two, failing if either fails",
     )
     run.add_argument(
         "--depth",
         choices=["coarse", "fine"],
-        default="fine",
-        help="fine (default): embeddings, each layer's layer_norm1, self_attn, layer_norm2, mlp and the layer, "
+        default=None,
+        help="fine (default; with --candidate-activations, coarse when the file carries no sub-layer site): embeddings, each layer's layer_norm1, self_attn, layer_norm2, mlp and the layer, "
         "post_layernorm, head; coarse: without the sub-layer sites (less memory, but a sub-layer bug can hide "
         "in the residual stream)",
     )
@@ -226,6 +232,7 @@ def _inspect(args: argparse.Namespace) -> int:
         seed=args.seed,
         rename=args.rename,
         revision=args.revision,
+        synthetic=args.synthetic,
     )
     print(result.text())
     if args.write_rename:
@@ -258,6 +265,7 @@ def _export(args: argparse.Namespace) -> int:
         dtype=dtype_name(args.dtype),
         revision=args.revision,
         with_weights=True if args.with_weights else None,
+        synthetic=args.synthetic,
     )
     print(
         f"wrote {out}: inputs.safetensors, manifest.json"
@@ -342,6 +350,12 @@ def _check_combinations(args: argparse.Namespace) -> None:
             raise OutputError("is a folder, not a file", target, f"give --{name} a file path")
         if target and not Path(target).resolve().parent.is_dir():
             raise OutputError("output folder does not exist", target, "create it first")
+        if target:
+            _try_create(target, f"--{name}")
+    if args.preset:
+        from siglip_scratch.config import get_preset
+
+        get_preset(args.preset)  # a misspelt preset fails now, with "did you mean", not after the imports
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
         raise InputError(
             f"cannot tell the plot format from {Path(args.plot).suffix or 'no suffix'!r}",
@@ -358,6 +372,7 @@ def _main(args: argparse.Namespace) -> int:
         presets = [args.preset] if args.preset else None
         return EXIT_OK if run_golden(presets, update=args.update_golden) else EXIT_FAIL
 
+    from . import render
     from .candidates import load_rename_map, open_candidate
     from .compare import compare
     from .options import RunOptions
@@ -448,6 +463,20 @@ def _progress_printer(args: argparse.Namespace):
         print(f"[{time.perf_counter() - t0:7.1f}s] {line}", file=sys.stderr, flush=True)
 
     return say
+
+
+def _try_create(target: str, flag: str) -> None:
+    """Fail now, not after the run, when an output file cannot be written (``/proc/r.json``, a read-only folder);
+    a file this check creates is removed again."""
+    path = Path(target)
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write ({exc.strerror})", target, f"give {flag} a writable file path") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def _write(path: str, text: str) -> None:

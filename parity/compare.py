@@ -25,12 +25,14 @@ from siglip_scratch.config import Siglip2VisionConfig
 from siglip_scratch.errors import InputError
 from siglip_scratch.processor import SiglipImageProcessor
 
+from .batches import check_batches
 from .candidates import Candidate, LoadResult, RenameLike, as_rename_rules, open_candidate
 from .infer import infer_site_rules
 from .inputs import ModelInputs, NaflexInputs, default_processor, make_pixels
+from .judge import small_range_note
 from .options import MODES, Mode, RunOptions
 from .preprocess import processor_for_source
-from .reference import transformers_version
+from .reference import build_reference, transformers_version
 from .report import Report
 from .runs import diagnose_failure, judged_run
 from .sites import SiteProgress
@@ -106,7 +108,8 @@ def compare(
     pinned = cand.pinned()
     if pinned is not None:  # computed elsewhere: the weights, dtype and inputs it ran on are fixed
         opts, pixel_values = dataclasses.replace(opts, dtype=pinned.dtype), pinned.inputs
-    opts = opts.checked()
+    mode, depth, narrowed = cand.narrow(opts.mode, opts.depth, rules)
+    opts = dataclasses.replace(opts, mode=mode, depth=depth).checked()
     cand.check_run(opts.dtype)
     say = progress or (lambda line: None)
 
@@ -126,42 +129,31 @@ def compare(
     cand.to(opts.device, DTYPES[opts.dtype])  # a no-op for the shared tensors, already in place
     notes = _infer_sites(cand, load, truth, inputs) if infer else []
 
-    isolated = opts.mode in ("isolated", "both")
-    runs = []
-    for run_mode, truths in (("isolated", truth.isolated), ("propagated", truth.propagated)):
-        if truths is None:
-            continue
-        phase = f"candidate: {run_mode} run"
-        say(phase)
-        cand.set_mode(run_mode)
-        runs.append(
-            judged_run(
-                cand,
-                truth,
-                inputs,
-                isolated=run_mode == "isolated",
-                truths=truths,
-                rule=opts.rule,
-                progress=SiteProgress(say, phase, truth.names),
-            )
-        )
-
+    runs = [_judged(cand, truth, inputs, opts, run_mode, say) for run_mode in ("isolated", "propagated")]
+    runs = [r for r in runs if r is not None]
     # Why: known-bug variants at the first site that fails in isolated mode (its input is known).
     diagnosis = None
-    first_fail = next((r for r in runs[0] if r.status == "fail"), None) if isolated else None
+    first_fail = next((r for r in runs[0] if r.status == "fail"), None) if truth.isolated is not None else None
     if first_fail is not None and first_fail.name in truth.ref_in:
         say(f"diagnosis: known-bug variants at {first_fail.name}")
         diagnosis = diagnose_failure(cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail)
+
+    say("candidate: state and batch check (the same images in other batches)")
+    reference = build_reference(w.config, w.state_dict, attn_implementation=opts.attn)
+    batches = check_batches(cand, reference, inputs, opts.rule, rerunnable=cand.rerunnable)
+    if not batches.checked:
+        notes.append(batches.detail)
 
     # Did the candidate change what the reference ran on?
     after = weight_fingerprint(w.state_dict)
     mutated = sorted(k for k in fingerprint if after.get(k) != fingerprint[k])
     if mutated:
         w.tainted = mutated
-    notes = [*([diagnosis.line()] if diagnosis is not None else []), *notes, *truth.range_notes]
+    notes = [*([diagnosis.line()] if diagnosis is not None else []), *narrowed, *notes, *truth.range_notes]
+    notes += small_range_note(truth.ranges)
     if load.allowed_unloaded:
         notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
-    return _report(opts, w, inputs, processor, cand, load, truth, runs, diagnosis, mutated, notes)
+    return _report(opts, w, inputs, processor, cand, load, truth, runs, diagnosis, batches, mutated, notes)
 
 
 def assert_parity(options: RunOptions | None = None, **kwargs: Any) -> Report:
@@ -173,6 +165,25 @@ def assert_parity(options: RunOptions | None = None, **kwargs: Any) -> Report:
 
 
 # -- the phases ------------------------------------------------------------------------------------------
+def _judged(cand: Candidate, truth: Truth, inputs: ModelInputs, opts: RunOptions, mode: str, say: Callable) -> Any:
+    """Phase "candidate runs": one judged run in ``mode`` (None when the run's mode does not include it)."""
+    truths = truth.isolated if mode == "isolated" else truth.propagated
+    if truths is None:
+        return None
+    phase = f"candidate: {mode} run"
+    say(phase)
+    cand.set_mode(mode)
+    return judged_run(
+        cand,
+        truth,
+        inputs,
+        isolated=mode == "isolated",
+        truths=truths,
+        rule=opts.rule,
+        progress=SiteProgress(say, phase, truth.names),
+    )
+
+
 def _weights(opts: RunOptions, cand: Candidate) -> Weights:
     """Phase "weights": the given `Weights`, or loaded/generated in the run's dtype (a pinned candidate's own
     source unless one is given), checked against a pinned candidate's fingerprint and for taint."""
@@ -181,13 +192,13 @@ def _weights(opts: RunOptions, cand: Candidate) -> Weights:
         w = opts.weights
     else:
         source = {"weights": opts.weights, "model": opts.model, "preset": opts.preset, "revision": opts.revision}
-        seed = opts.seed
+        seed, regime = opts.seed, opts.synthetic
         if pinned is not None:
             if not (opts.weights or opts.model or opts.preset):
                 source = {k: pinned.weights[k] for k in source}
                 source["revision"] = opts.revision or pinned.weights["revision"]
-            seed = pinned.weights["seed"]
-        w = resolve_weights(**source, seed=seed, dtype=opts.dtype, device=opts.device)
+            seed, regime = pinned.weights["seed"], pinned.weights["synthetic"]
+        w = resolve_weights(**source, seed=seed, dtype=opts.dtype, device=opts.device, synthetic=regime)
     if pinned is not None and fingerprint_digest(w.state_dict) != pinned.fingerprint:
         raise InputError(
             f"these weights ({w.source}) are not the ones the inputs were exported with ({pinned.weights['source']})",
@@ -275,6 +286,7 @@ def _report(
     truth: Truth,
     runs: list,
     diagnosis: Any,
+    batches: Any,
     mutated: list[str],
     notes: list[str],
 ) -> Report:
@@ -300,7 +312,12 @@ def _report(
         candidate={**cand.info, "loaded_via": load.via},
         ranges=truth.ranges,
         diagnosis=diagnosis.to_dict() if diagnosis is not None else None,
-        weights={"source": w.source, "synthetic": w.synthetic, "kind": "synthetic" if w.synthetic else "real"},
+        weights={
+            "source": w.source,
+            "synthetic": w.synthetic,
+            "kind": "synthetic" if w.synthetic else "real",
+            "regime": w.regime,
+        },
         dtype=opts.dtype,
         device=str(opts.device),
         mode=opts.mode,
@@ -321,4 +338,5 @@ def _report(
         mutated_weights=mutated,
         nonfinite_weights=truth.nonfinite_weights,
         notes=notes,
+        batches=batches.to_dict(),
     )

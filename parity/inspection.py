@@ -72,12 +72,15 @@ def inspect_candidate(
     seed: int = 0,
     rename: RenameLike = None,
     revision: str | None = None,
+    synthetic: str = "trained",
 ) -> Inspection:
     """Load the weights into the candidate as `compare` does, and say what meets what (see module doc)."""
     given = as_rename_rules(rename)
     if weights is None and model is None and preset is None:
         preset = "google/siglip-base-patch16-224"
-    w = resolve_weights(weights=weights, model=model, preset=preset, seed=seed, dtype="float32", revision=revision)
+    w = resolve_weights(
+        weights=weights, model=model, preset=preset, seed=seed, dtype="float32", revision=revision, synthetic=synthetic
+    )
     config = w.config
     names = site_names(config, "fine")
     pixels = make_pixels(config, batch=1, seed=seed)

@@ -33,6 +33,7 @@ from .oracle import SiteTruth, rms
 __all__ = [
     "DEFAULT_TOLERANCES",
     "FP16_MAX",
+    "LARGE_VALUE",
     "ORACLE_RULES",
     "UNIT_ROUNDOFF",
     "Rule",
@@ -41,6 +42,7 @@ __all__ = [
     "fmt_ratio",
     "measure",
     "range_scan",
+    "small_range_note",
 ]
 
 # The old absolute rule, used only when --atol/--rtol are given: (atol, rtol) per dtype.
@@ -186,6 +188,22 @@ def range_scan(outputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], 
             f"({100 * e['underflow_fraction']:.1f} %)"
         )
     return entries, notes
+
+
+# sqrt(65504): a value whose square overflows float16 (a hand-written LayerNorm's x², a softmax's exp(x) sooner).
+LARGE_VALUE = 256.0
+
+
+def small_range_note(ranges: list[dict[str, Any]]) -> list[str]:
+    """A note when no site's reference values reach `LARGE_VALUE`: bugs that need large values could not show."""
+    top = max((r["max_abs"] for r in ranges if r["max_abs"] is not None), default=None)
+    if top is None or top >= LARGE_VALUE:
+        return []
+    return [
+        f"activations never exceed {top:.3g} in magnitude (trained SigLIP towers reach hundreds): bugs that need "
+        f"large values (a clamp, float16 overflow in a hand-written norm or softmax) could not have been seen; "
+        "use real weights or --synthetic trained"
+    ]
 
 
 def _first_nonfinite(t: torch.Tensor) -> list[int]:

@@ -36,8 +36,9 @@ class RunOptions:
     preset: str | None = None
     revision: str | None = None
     seed: int = 0
-    mode: Mode = "both"
-    depth: str = "fine"
+    synthetic: str = "trained"  # the regime of synthetic weights (--preset): "trained" or "iid"
+    mode: Mode | None = None  # None: "both", or the modes an activations file carries
+    depth: str | None = None  # None: "fine", or "coarse" for an activations file without sub-layer sites
     dtype: Any = "float32"
     device: str = "cpu"
     attn: str = "sdpa"
@@ -58,6 +59,8 @@ class RunOptions:
 
     def checked(self) -> RunOptions:
         """A copy with every value validated (one-line `InputError` naming the flag) and the derived fields set."""
+        if self.mode is None or self.depth is None:
+            return dataclasses.replace(self, mode=self.mode or "both", depth=self.depth or "fine").checked()
         if self.mode not in MODES:
             raise InputError(f"unknown mode {self.mode!r}", "--mode", f"use one of {', '.join(MODES)}")
         if self.depth not in ("coarse", "fine"):
@@ -85,6 +88,7 @@ class RunOptions:
             "preset": args.preset,
             "revision": args.revision,
             "seed": 0 if args.seed is None else args.seed,
+            "synthetic": args.synthetic,
             "mode": args.mode,
             "depth": args.depth,
             "dtype": "float32" if args.dtype is None else args.dtype,

@@ -29,6 +29,7 @@ __all__ = [
     "processor_markdown_row",
     "processor_table",
     "table",
+    "weights_label",
 ]
 
 
@@ -103,13 +104,22 @@ def head(report) -> str:
     return (
         f"reference {report.reference['impl']} {report.reference['version']} ({report.reference['attn']}) vs "
         f"{cand}; "
-        f"weights: {report.weights['source']} ({'synthetic' if report.weights['synthetic'] else 'real'}); "
+        f"weights: {report.weights['source']} ({weights_label(report.weights)}); "
         f"{report.dtype} on {report.device}, {report.mode}; {rule}"
     )
 
 
+def weights_label(weights: dict[str, Any]) -> str:
+    if not weights["synthetic"]:
+        return "real"
+    regime = weights.get("regime")
+    return f"synthetic, {regime} regime" if regime else "synthetic"
+
+
 def extras(report) -> list[str]:
     extra = list(report.notes)
+    if report.batches is not None and not report.batches["passed"] and report.first_failure() is not None:
+        extra.append(f"also {report.batches['cause']}: {report.batches['detail']}")
     line = report.amplification_line() if not report.passed else None
     if line:
         extra.append(line)

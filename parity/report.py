@@ -17,6 +17,7 @@ JSON schema (stable; fields are only ever added)::
      "ranges": [{"site", "max_abs", "fp16_headroom", "flag", "underflow_fraction"}],
      "fp16_overflow_site": str | null,
      "diagnosis": {"site", "likely_cause": str | null, "limit", "variants": [{"variant", "err", "relative"}]} | null,
+     "batches": {"checked": bool, "passed": bool, "cause": "state" | "batch mixing" | "batch" | null, "detail"} | null,
      "amplification": [{"site", "local", "local_ratio", "accumulated", "accumulated_ratio", "local_passed",
                         "accumulated_passed"}],
      "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
@@ -74,6 +75,8 @@ class Report:
     ranges: list[dict[str, Any]] = field(default_factory=list)
     # Known-bug variants ranked at the first site that fails in isolated mode (parity/diagnose.py).
     diagnosis: dict[str, Any] | None = None
+    # The state and batch check (parity/batches.py): {"checked", "passed", "cause", "detail"}.
+    batches: dict[str, Any] | None = None
 
     @property
     def fp16_overflow_site(self) -> str | None:
@@ -113,6 +116,7 @@ class Report:
             and not self.unloaded_parameters
             and not self.mutated_weights
             and not self.nonfinite_weights
+            and (self.batches is None or self.batches["passed"])
         )
 
     @property
@@ -163,6 +167,8 @@ class Report:
             worst_abs = max((s.max_abs or 0.0) for s in self.all_sites)
             return f"PASS: {n} sites within tolerance (absolute rule), {n_exact} exact, worst max|Δ| {worst_abs:.3g} ({run})"
         first = self.first_failure()
+        if first is None and self.batches is not None and not self.batches["passed"]:
+            return f"FAIL: {self.batches['cause']}: {self.batches['detail']} ({run})"
         if first is None:
             return (
                 f"FAIL: {len(self.unloaded_parameters)} candidate parameter(s) never loaded from the checkpoint: "
@@ -216,6 +222,7 @@ class Report:
                 "resolution": self.resolution,
                 "ranges": self.ranges,
                 "diagnosis": self.diagnosis,
+                "batches": self.batches,
                 "amplification": self.amplification,
                 "fp16_overflow_site": self.fp16_overflow_site,
                 "sites": [asdict(s) for s in self.sites],

@@ -20,7 +20,6 @@ from .oracle import SiteTruth
 from .sites import (
     EMBEDDINGS,
     FIRST_LAYER,
-    SUBLAYER_SITES,
     RenameRules,
     SiteProgress,
     apply_rename,
@@ -94,12 +93,11 @@ def judged_run(
         if site in names and site not in results and tensor is not None:
             results[site] = judge(site, tensor)
             results[site].note = "from the model's output"
-    for site in names:  # a sub-layer computed inline in its layer (no module of its own): its layer is judged
-        layer, _, sub = site.rpartition(".")
-        if site not in results and sub in SUBLAYER_SITES and results.get(layer, SiteResult(layer)).status != "missing":
-            results[site] = SiteResult(
-                site, status="not_exposed", passed=True, note=f"no module computes it alone; judged through {layer}"
-            )
+    judged = {n for n, r in results.items() if r.status not in ("missing", "skipped")}
+    for site in names:
+        why = None if site in results else cand.not_exposed(site, judged)
+        if why is not None:
+            results[site] = SiteResult(site, status="not_exposed", passed=True, note=why)
     missing = [n for n in names if n not in results]
     notes = _missing_notes(cand, missing) if missing else {}
     return [results.get(n, SiteResult(n, status="missing", note=notes.get(n, ""))) for n in names]

@@ -19,7 +19,7 @@ import torch
 from siglip_scratch.checkpoint import DTYPE_NAMES
 from siglip_scratch.config import SiglipVisionConfig, get_preset
 from siglip_scratch.errors import InputError
-from siglip_scratch.modeling import load_vision_state_dict, synthetic_state_dict
+from siglip_scratch.modeling import REGIMES, load_vision_state_dict, synthetic_state_dict
 
 __all__ = [
     "DTYPES",
@@ -46,6 +46,8 @@ class Weights:
     synthetic: bool
     # Shared tensors a candidate changed in place: these Weights no longer hold the checkpoint.
     tainted: list[str] = field(default_factory=list)
+    # Synthetic weights: "trained" (a trained tower's activation statistics, the default) or "iid"; None: real.
+    regime: str | None = None
 
 
 def weight_fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -99,8 +101,12 @@ def resolve_weights(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     revision: str | None = None,
+    synthetic: str = "trained",
 ) -> Weights:
-    """Load real weights (``weights`` path or hub ``model``) or generate synthetic ones (``preset``)."""
+    """Load real weights (``weights`` path or hub ``model``) or generate synthetic ones (``preset``), in a trained
+    tower's regime by default (``synthetic="iid"`` for the plain draw; see `modeling.TRAINED_REGIME`)."""
+    if synthetic not in REGIMES:
+        raise InputError(f"unknown synthetic regime {synthetic!r}", "--synthetic", f"use one of {', '.join(REGIMES)}")
     given = [n for n, v in (("--weights", weights), ("--model", model), ("--preset", preset)) if v]
     if len(given) != 1:
         raise InputError(
@@ -111,8 +117,9 @@ def resolve_weights(
     torch_dtype = DTYPES[dtype_name(dtype)]
     if preset:
         config = get_preset(preset)
-        state = synthetic_state_dict(config, seed=seed, dtype=torch_dtype, device=device)
-        return Weights(config, state, f"{preset} (seed {seed})", synthetic=True)
+        state = synthetic_state_dict(config, seed=seed, dtype=torch_dtype, device=device, regime=synthetic)
+        label = f"{preset} (seed {seed}{', i.i.d.' if synthetic == 'iid' else ''})"
+        return Weights(config, state, label, synthetic=True, regime=synthetic)
     path = weights if weights else model
     assert path is not None
     config, state, source = load_vision_state_dict(path, revision=revision, config_class=None)

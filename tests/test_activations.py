@@ -7,6 +7,7 @@ theirs; the other tests make activation files with our encoder standing in for a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,20 +91,70 @@ def test_numpy_port_passes_both_modes_and_a_planted_bug_is_named(tmp_path, capsy
             assert report["mode"] == "both" and all(s["passed"] for s in report["sites"]), out
 
 
+@pytest.mark.parametrize("names", ["plain", "layers"])
+def test_numpy_port_recipes_pass_as_written(names, tmp_path, capsys, hf):
+    """The README's recipes with no flag beyond the file: the numpy port's end-to-end run under names without
+    a prefix (was: FAIL in isolated mode at 48/63 sites), and its layer outputs alone, as llama.cpp dumps them
+    (was: FAIL, "candidate has no such module" at every sub-layer site). With the eps bug, both fail."""
+    export = tmp_path / "export"
+    assert (
+        parity_main(["export-inputs", str(export), "--preset", "google/siglip-base-patch16-224", "--batch", "1"]) == 0
+    )
+    for bug, want_rc in (([], 0), (["--bug", "eps"], 1)):
+        acts = tmp_path / "acts.npz"
+        cmd = [sys.executable, str(EXAMPLE), str(export), str(acts), "--names", names, *bug]
+        subprocess.run(cmd, check=True, capture_output=True)
+        capsys.readouterr()
+        rc = parity_main(["--candidate-activations", str(acts), "--inputs", str(export)])
+        out = capsys.readouterr().out
+        assert rc == want_rc, out
+        assert "propagated" in out.splitlines()[0], out.splitlines()[0]
+
+
 def test_each_mode_alone_and_a_missing_mode_fails(exported, tmp_path):
+    """Names without a prefix are propagated outputs (an end-to-end dump) unless the file's metadata says
+    ``"mode": "isolated"``; left open, the mode is what the file carries (and the report says so); asked for a
+    mode the file lacks, that mode fails."""
     _, export = exported
     acts = _port_outputs(export)
     iso = {k.removeprefix("isolated/"): v for k, v in acts.items() if k.startswith("isolated/")}
-    save_file(iso, str(tmp_path / "iso.safetensors"))
+    save_file(iso, str(tmp_path / "iso.safetensors"), metadata={"mode": "isolated"})
     assert judge_activations(tmp_path / "iso.safetensors", inputs_dir=export, mode="isolated").passed
-    both = judge_activations(tmp_path / "iso.safetensors", inputs_dir=export, mode="both")
-    assert both.passed  # unprefixed names serve both modes: here they are the isolated outputs...
+    alone = judge_activations(tmp_path / "iso.safetensors", inputs_dir=export)
+    assert alone.passed and alone.mode == "isolated", alone.table()
+    assert any("holds isolated outputs only" in n for n in alone.notes), alone.notes
+    prop = {k.removeprefix("propagated/"): v for k, v in acts.items() if k.startswith("propagated/")}
+    save_file(prop, str(tmp_path / "prop.safetensors"))
+    plain = judge_activations(tmp_path / "prop.safetensors", inputs_dir=export)
+    assert plain.passed and plain.mode == "propagated", plain.table()
+    asked = judge_activations(tmp_path / "prop.safetensors", inputs_dir=export, mode="isolated")
+    assert not asked.passed and asked.sites[1].status == "missing", asked.table()
     only_iso = {k: v for k, v in acts.items() if k.startswith("isolated/")}
     save_file(only_iso, str(tmp_path / "only_iso.safetensors"))
     report = judge_activations(tmp_path / "only_iso.safetensors", inputs_dir=export, mode="both")
-    assert not report.passed and report.propagated_sites[0].status == "missing", (
-        report.table()
-    )  # ...prefixed ones do not
+    assert not report.passed and report.propagated_sites[1].status == "missing", report.table()
+
+
+def test_a_file_with_layer_outputs_only_is_judged_at_the_sites_it_carries(exported, tmp_path):
+    """The llama.cpp recipe: each block's output under propagated/vision_model.encoder.layers.<i>, nothing else.
+    Judged at coarse depth, in propagated mode, the sites it does not carry NOT EXPOSED and said so; a file that
+    lacks a layer output still fails (was: FAIL, "candidate has no such module" at every sub-layer site)."""
+    _, export = exported
+    acts = _port_outputs(export)
+    layers = {k: v for k, v in acts.items() if re.fullmatch(r"propagated/vision_model\.encoder\.layers\.\d+", k)}
+    save_file(layers, str(tmp_path / "layers.safetensors"))
+    report = judge_activations(tmp_path / "layers.safetensors", inputs_dir=export)
+    assert report.passed and report.depth == "coarse" and report.mode == "propagated", report.table()
+    assert set(report.not_exposed_sites) == {
+        "vision_model.embeddings",
+        "vision_model.post_layernorm",
+        "vision_model.head",
+    }, report.table()
+    assert any("no sub-layer site" in n for n in report.notes), report.notes
+    del layers[sorted(layers)[1]]
+    save_file(layers, str(tmp_path / "gap.safetensors"))
+    gap = judge_activations(tmp_path / "gap.safetensors", inputs_dir=export)
+    assert not gap.passed and gap.missing_sites, gap.table()
 
 
 def test_a_deep_bug_fails_in_both_modes_at_its_layer(exported, tmp_path):

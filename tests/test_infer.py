@@ -116,6 +116,7 @@ def test_progress_lines_on_stderr_only_when_asked_or_interactive(capsys, hf):
         "candidate: loading weights and inferring its rename map",
         "candidate: isolated run",
         "candidate: propagated run",
+        "candidate: state and batch check (the same images in other batches)",
     ], captured.err
     assert "rule(s) inferred" in captured.out
     assert parity_main([*argv, "--depth", "coarse", "--mode", "isolated"]) == 0  # stderr is not a terminal here

@@ -28,7 +28,7 @@ from siglip_scratch.files import read_json
 
 from ..inputs import ModelInputs, NaflexInputs
 from ..reference import transformers_version
-from ..sites import RenameRules, apply_rename, site_names
+from ..sites import SUBLAYER_SITES, RenameRules, apply_rename, site_names
 from .base import Candidate, Pinned
 from .loading import LoadResult
 from .replay import ReplayTree
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 FORMAT = "siglip-parity-activations/1"
+LAYER = re.compile(r"vision_model\.encoder\.layers\.\d+")
 MODES = ("isolated", "propagated")
 
 
@@ -107,20 +108,19 @@ def load_activations(
     rename: RenameRules = (),
     layouts: Sequence[tuple[re.Pattern[str], str]] = (),
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """({"isolated": {site: tensor}, "propagated": {…}, "any": {…}}, metadata) from a .safetensors/.npz file.
+    """({"isolated": {site: tensor}, "propagated": {…}}, metadata) from a .safetensors/.npz file.
 
     Names go through ``rename`` (to canonical site names), then ``layouts`` transforms; a name that is no
-    site after renaming is an error (never silently ignored)."""
+    site after renaming is an error (never silently ignored). A name without a mode prefix is a propagated
+    output (what an end-to-end run dumps), unless the file's metadata says ``"mode": "isolated"``."""
     path = Path(path)
     if not path.is_file():
         raise SourceError("activations file not found", str(path), "pass the file your port wrote")
     raw, meta = _read_arrays(path)
-    out: dict[str, dict[str, torch.Tensor]] = {"isolated": {}, "propagated": {}, "any": {}}
+    out: dict[str, dict[str, torch.Tensor]] = {"isolated": {}, "propagated": {}}
     unknown = []
     for name, value in raw.items():
-        mode, _, rest = name.partition("/")
-        if mode not in MODES:
-            mode, rest = "any", name
+        mode, rest = _split(name, meta)
         site = apply_rename(rest, rename) if rename else rest
         if site not in sites:
             unknown.append(name)
@@ -146,6 +146,15 @@ def load_activations(
     if not any(out.values()):
         raise InputError("the file holds no arrays", str(path), "write one output per site")
     return out, meta
+
+
+def _split(name: str, meta: Mapping[str, str]) -> tuple[str, str]:
+    """(mode, site name as written) of one array name: ``isolated/<site>``, ``propagated/<site>``, or ``<site>``
+    (propagated, or the mode the file's metadata declares)."""
+    mode, _, rest = name.partition("/")
+    if mode in MODES:
+        return mode, rest
+    return meta.get("mode", "propagated"), name
 
 
 def _read_arrays(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -183,6 +192,7 @@ class ActivationCandidate(Candidate):
     they were made by the torch and transformers installed here; `load` reads the file against the site names."""
 
     kind = "activations"
+    rerunnable = False
 
     def __init__(
         self,
@@ -209,6 +219,34 @@ class ActivationCandidate(Candidate):
         self.run_mode = "propagated"
         self.activations: dict[str, dict[str, torch.Tensor]] = {}
         self.sites: list[str] = []
+        raw, self.meta = _read_arrays(self.path)  # read now: a damaged file fails before any model is built
+        self.raw_names = list(raw)
+        declared = self.meta.get("mode")
+        if declared is not None and declared not in MODES:
+            raise InputError(
+                f"metadata mode {declared!r} is not one of {', '.join(MODES)}",
+                str(self.path),
+                'declare "isolated" or "propagated" (it applies to names without a prefix)',
+            )
+
+    def narrow(self, mode, depth, rules):
+        carried = [_split(n, self.meta) for n in self.raw_names]
+        modes = sorted({m for m, _ in carried})
+        sites = {apply_rename(s, rules) if rules else s for _, s in carried}
+        notes = []
+        if mode is None and len(modes) == 1:
+            mode = modes[0]
+            notes.append(
+                f"the file holds {mode} outputs only (names without a prefix are propagated outputs unless its "
+                f'metadata says "mode": "isolated"): judged in {mode} mode'
+            )
+        if depth is None and not any(s.rpartition(".")[2] in SUBLAYER_SITES for s in sites):
+            depth = "coarse"
+            notes.append(
+                "the file carries no sub-layer site (layer_norm1, self_attn, layer_norm2, mlp): judged at coarse "
+                "depth (embeddings, each layer, post_layernorm, head)"
+            )
+        return mode, depth, notes
 
     def pinned(self) -> Pinned:
         wm = self.manifest["weights"]
@@ -219,6 +257,7 @@ class ActivationCandidate(Candidate):
                 "preset": wm.get("preset"),
                 "revision": wm.get("revision"),
                 "seed": int(wm.get("seed", 0)),
+                "synthetic": wm.get("regime") or "iid",  # exports before the regime was recorded were i.i.d.
                 "source": wm.get("source"),
             },
             fingerprint=wm["fingerprint"],
@@ -243,6 +282,11 @@ class ActivationCandidate(Candidate):
         self.module = ReplayTree(self, self.sites)
         return LoadResult(via="activations file (the port loaded its own weights)")
 
+    def not_exposed(self, site, judged):
+        if LAYER.fullmatch(site) or any(site in values for values in self.activations.values()):
+            return None  # every layer output must be there; a site the file has but not for this mode fails
+        return "the file does not carry it (judged at the sites it carries)"
+
     def to(self, device: str, dtype: torch.dtype) -> None:
         pass  # stored values are compared as they are (measure moves them to the reference's device)
 
@@ -250,7 +294,7 @@ class ActivationCandidate(Candidate):
         self.run_mode = mode
 
     def _value(self, site: str) -> torch.Tensor | None:
-        return self.activations[self.run_mode].get(site, self.activations["any"].get(site))
+        return self.activations[self.run_mode].get(site)
 
     def emit(self, site: str, x: torch.Tensor | None) -> torch.Tensor:
         value = self._value(site)

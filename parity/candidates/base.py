@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +28,7 @@ from torch import nn
 from siglip_scratch.config import AnyVisionConfig
 
 from ..inputs import ModelInputs, forward_candidate
-from ..sites import RenameRules
+from ..sites import SUBLAYER_SITES, RenameRules
 from .loading import LoadResult
 
 __all__ = ["Candidate", "Pinned"]
@@ -54,6 +54,9 @@ class Candidate(abc.ABC):
     # True when `module` carries the canonical site names already (ours; the replay tree of an ONNX graph or
     # activation file): no rename map is inferred for it.
     canonical_names: ClassVar[bool] = True
+    # False when the candidate cannot be run on new inputs (activation files) or holds no Python state (an
+    # ONNX graph): the state and batch check (batches.py) is then skipped, and the report says so.
+    rerunnable: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.module: nn.Module | None = None
@@ -62,6 +65,22 @@ class Candidate(abc.ABC):
 
     def check_run(self, dtype: str) -> None:  # noqa: B027 (a hook: most kinds take any run)
         """Raise `InputError` for a run this candidate cannot take part in (called before any model is built)."""
+
+    def narrow(
+        self, mode: str | None, depth: str | None, rules: RenameRules
+    ) -> tuple[str | None, str | None, list[str]]:
+        """The mode and depth to judge at when the run leaves them open (None): what this candidate carries (an
+        activations file judged at the sites it holds), with a note for each narrowing. Others keep them."""
+        return mode, depth, []
+
+    def not_exposed(self, site: str, judged: Collection[str]) -> str | None:
+        """Why ``site``, which this run did not produce, is not exposed by the candidate (a note), or None when
+        its absence is a failure. A sub-layer computed inline in its layer (no module of its own) is not
+        exposed when the layer's output is judged; a layer output never is."""
+        layer, _, sub = site.rpartition(".")
+        if sub in SUBLAYER_SITES and layer in judged:
+            return f"no module computes it alone; judged through {layer}"
+        return None
 
     def pinned(self) -> Pinned | None:
         """The weights, dtype and inputs this candidate was computed on, when they are fixed (else None)."""

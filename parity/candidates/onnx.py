@@ -63,6 +63,7 @@ class OnnxCandidate(Candidate):
     file exists; `load` reads the graph and finds the sites."""
 
     kind = "onnx"
+    rerunnable = False
 
     def __init__(self, path: str | os.PathLike[str]):
         super().__init__()

@@ -4,7 +4,9 @@ The core (this package) needs only torch, safetensors, huggingface_hub, pillow a
 `siglip_scratch.parity` additionally needs transformers for its reference.
 """
 
-from .config import PRESETS, Siglip2VisionConfig, SiglipVisionConfig, get_preset, load_config
+from importlib import import_module
+from typing import Any
+
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -13,9 +15,35 @@ from .errors import (
     SiglipScratchError,
     SourceError,
 )
-from .model import SiglipVisionModelOutput
-from .modeling import Siglip2VisionModel, SiglipVisionModel, synthetic_state_dict
-from .processor import Siglip2ImageProcessor, SiglipImageProcessor
+
+# The heavy names (torch, numpy, PIL behind them) load on first use, so a CLI parses its arguments and reports a
+# usage error before torch is imported (PEP 562).
+_LAZY = {
+    "PRESETS": "config",
+    "Siglip2VisionConfig": "config",
+    "SiglipVisionConfig": "config",
+    "get_preset": "config",
+    "load_config": "config",
+    "SiglipVisionModelOutput": "model",
+    "Siglip2VisionModel": "modeling",
+    "SiglipVisionModel": "modeling",
+    "synthetic_state_dict": "modeling",
+    "Siglip2ImageProcessor": "processor",
+    "SiglipImageProcessor": "processor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable
 
@@ -19,8 +20,21 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: <what> (<prog> --help lists the options)``), exit 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        print(f"error: {message}{self._suggestion(message)} ({self.prog} --help lists the options)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+    def _suggestion(self, message: str) -> str:
+        """``; did you mean --candidate?`` for a misspelt flag (argparse before 3.14 offers none)."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        known = [o for a in self._actions for o in a.option_strings]
+        for word in message.removeprefix("unrecognized arguments: ").split():
+            flag = word.split("=", 1)[0]
+            if flag.startswith("-"):
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:

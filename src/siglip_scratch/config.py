@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -395,4 +396,6 @@ def get_preset(hub_id: str) -> AnyVisionConfig:
         return PRESETS[hub_id]
     except KeyError:
         known = sorted([*PRESETS, *NAFLEX_PRESETS])
-        raise ConfigError(f"unknown preset {hub_id!r}", "preset", f"use one of: {', '.join(known)}") from None
+        close = difflib.get_close_matches(str(hub_id), known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown preset {hub_id!r}", "preset", f"{hint}use one of: {', '.join(known)}") from None

@@ -33,6 +33,8 @@ from .model import (
 from .naflex import Arithmetic, Siglip2VisionTransformer
 
 __all__ = [
+    "REGIMES",
+    "TRAINED_REGIME",
     "Siglip2VisionModel",
     "SiglipVisionModel",
     "expected_shapes",
@@ -103,9 +105,11 @@ class _VisionTower(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: AttnImplementation = "sdpa",
+        regime: str = "iid",
     ) -> _VisionTower:
-        """Deterministic synthetic weights where every parameter matters (see `synthetic_state_dict`)."""
-        state = synthetic_state_dict(config, seed=seed, dtype=dtype, device=device)
+        """Deterministic synthetic weights where every parameter matters (see `synthetic_state_dict`;
+        ``regime="trained"`` gives activations with a trained tower's statistics)."""
+        state = synthetic_state_dict(config, seed=seed, dtype=dtype, device=device, regime=regime)
         return cls.from_state_dict(config, state, attn_implementation=attn_implementation, source=f"seed {seed}")
 
     @classmethod
@@ -312,13 +316,20 @@ def synthetic_state_dict(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    regime: str = "iid",
 ) -> dict[str, torch.Tensor]:
     """Deterministic weights at the real shapes, for tests and offline parity.
 
     Drawn with numpy's PCG64 (a stream stable across numpy and torch versions) in module order, in
     float32, then cast. Every parameter matters: biases are non-zero and LayerNorm scales are
     ``1 + 0.1·N(0,1)``; matrices are ``N(0, 1/fan_in)`` so activations stay O(1) through 27 layers.
+
+    ``regime="trained"`` then reshapes them into a trained tower's regime (see `TRAINED_REGIME`): a few
+    massive residual-stream activations, sharp attention, LayerNorm gains with outliers, growing layers.
+    ``"iid"`` (the default here) is the plain draw.
     """
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}: use one of {', '.join(REGIMES)}")
     rng = np.random.Generator(np.random.PCG64(seed))
     with torch.device("meta"):
         model = model_class_for(config)(config)
@@ -342,8 +353,52 @@ def synthetic_state_dict(
                 t = normal(shape, 1.0)
             else:  # Linear, Conv2d, the head's packed in_proj_weight: fan_in is everything but dim 0
                 t = normal(shape, int(np.prod(shape[1:])) ** -0.5)
-            out[prefix + p_name] = t.to(device=device, dtype=dtype)
-    return out
+            out[prefix + p_name] = t
+    if regime == "trained":
+        _trained_regime(out, config, rng)
+    return {k: t.to(device=device, dtype=dtype) for k, t in out.items()}
+
+
+REGIMES = ("iid", "trained")
+# What `regime="trained"` imposes, from published analyses of trained ViT / SigLIP activations (docs/PARITY.md,
+# "Synthetic weights in a trained model's regime"): residual-stream entries of a few hundred in two fixed channels
+# at two fixed tokens (massive activations, Sun et al. 2024, their ViT and CLIP figures; high-norm tokens, Darcet
+# et al. 2024), q and k scaled so attention logits reach the tens (trained SigLIP towers: max logits 30–45),
+# LayerNorm gains that damp the massive channels and amplify a few others, and layers whose updates grow with depth.
+TRAINED_REGIME = {
+    "massive_value": 300.0,  # |x| of the planted residual-stream entries (hundreds, as measured in trained towers)
+    "massive_count": 2,  # (token, channel) pairs
+    "qk_scale": 2.4,  # each of q and k: logits ×5.8, from ~5 to 30–45
+    "damped_gain": 0.05,  # LayerNorm gain on the massive channels
+    "outlier_gain": 6.0,  # LayerNorm gain on a few other channels
+    "outlier_count": 4,
+    "growth": 1.0,  # layer i's out_proj and fc2 scaled by 1 + growth·i/L
+}
+
+
+def _trained_regime(state: dict[str, torch.Tensor], config: Any, rng: np.random.Generator) -> None:
+    """Reshape an i.i.d. draw in place into a trained tower's regime (see `TRAINED_REGIME`)."""
+    r = TRAINED_REGIME
+    d, layers = config.hidden_size, config.num_hidden_layers
+    pos = state["vision_model.embeddings.position_embedding.weight"]  # [N, D]
+    n_massive, n_outlier = int(r["massive_count"]), int(r["outlier_count"])
+    channels = rng.choice(d, n_massive + n_outlier, replace=False)
+    massive, outliers = channels[:n_massive], channels[n_massive:]
+    tokens = rng.choice(pos.shape[0], n_massive, replace=False)
+    for i, (t, c) in enumerate(zip(tokens, massive, strict=True)):
+        pos[int(t), int(c)] = r["massive_value"] * (1 if i % 2 == 0 else -1)
+    for key, t in state.items():
+        if key.endswith(("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight", "head.layernorm.weight")):
+            t[torch.from_numpy(massive)] = r["damped_gain"]
+            t[torch.from_numpy(outliers)] *= r["outlier_gain"]
+    for i in range(layers):
+        p = f"vision_model.encoder.layers.{i}."
+        for name in ("q_proj", "k_proj"):
+            state[f"{p}self_attn.{name}.weight"] *= r["qk_scale"]
+            state[f"{p}self_attn.{name}.bias"] *= r["qk_scale"]
+        grow = 1.0 + r["growth"] * i / max(layers - 1, 1)
+        for name in ("self_attn.out_proj", "mlp.fc2"):
+            state[f"{p}{name}.weight"] *= grow
 
 
 def _resolve(path: str | os.PathLike[str], revision: str | None) -> tuple[Path, Path]:
