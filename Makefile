@@ -15,7 +15,7 @@ PYC := $(VENVC)/bin/python
 COMPAT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install install-457 install-compat test test-457 test-slow lint format parity bench bench-quick compat fuzz clean
+.PHONY: install install-457 install-compat test test-457 test-slow lint format parity parity-quick bench bench-quick compat fuzz clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -28,7 +28,7 @@ install-457: $(VENV457)/.installed
 $(VENV457)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(PY457) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15"
+	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5" "pytest-xdist>=3.5"
 	touch $@
 
 ## test: the fast suite (tiny and base configs) against the installed transformers 5.x
@@ -54,6 +54,10 @@ format: install
 ## parity: the parity suite (base-224 and so400m-384; real weights if in the HF cache, else synthetic)
 parity: install
 	HF_HUB_OFFLINE=1 $(PY) -m siglip_scratch.parity.suite
+
+## parity-quick: a first look in about a minute (base-224, one float32 comparison, its golden fingerprint)
+parity-quick: install
+	HF_HUB_OFFLINE=1 $(PY) -m siglip_scratch.parity.suite --quick --out parity-report-quick
 
 ## bench: the full benchmark (~20 min on 2 cores): tables on stdout, bench-results/bench.{json,md}
 bench: install

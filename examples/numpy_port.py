@@ -9,13 +9,15 @@ siglip-scratch, only the files `siglip-parity export-inputs` writes and the file
     siglip-parity --candidate-activations activations.npz --inputs exported/
 
 `--bug eps` plants a LayerNorm eps of 1e-5 (PyTorch's default) in layer 1's second norm, the kind of
-slip the harness must catch and name.
+slip the harness must catch and name; `--bug gelu` the exact (erf) GELU in layer 1's MLP, where SigLIP uses
+the tanh approximation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +85,15 @@ class NumpySiglip:
         q, k, v = (self._linear(x, a + f"{n}_proj.") for n in "qkv")
         return self._linear(self._attend(q, k, v), a + "out_proj.")
 
+    @staticmethod
+    def _gelu_erf(x: np.ndarray) -> np.ndarray:
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return (0.5 * x * (1 + erf(x / np.sqrt(2)))).astype(np.float32)
+
     def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
         m = f"{V}encoder.layers.{i}.mlp."
-        return self._linear(self._gelu_tanh(self._linear(x, m + "fc1.")), m + "fc2.")
+        act = self._gelu_erf if self.bug == "gelu" and i == 1 else self._gelu_tanh
+        return self._linear(act(self._linear(x, m + "fc1.")), m + "fc2.")
 
     def layer(self, i: int, x: np.ndarray, record: dict | None = None) -> np.ndarray:
         s = f"{V}encoder.layers.{i}."
@@ -143,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export", help="the folder siglip-parity export-inputs wrote")
     ap.add_argument("out", help="where to write the activations (.npz)")
-    ap.add_argument("--bug", choices=["eps"], help="plant a known porting bug")
+    ap.add_argument("--bug", choices=["eps", "gelu"], help="plant a known porting bug")
     ap.add_argument(
         "--names",
         choices=["prefixed", "plain", "layers"],

@@ -4,6 +4,8 @@ Installed as ``siglip_scratch.parity`` (see ARCHITECTURE.md). transformers is im
 when a reference is built, so importing this package never needs it.
 """
 
+import sys
+import types
 from importlib import import_module
 from typing import Any
 
@@ -22,6 +24,20 @@ _LAZY = {
     "Weights": "weights",
     "resolve_weights": "weights",
 }
+
+
+class _Package(types.ModuleType):
+    """`compare` is both a submodule and the function this package exports. Importing the submodule binds it as an
+    attribute of the package; this keeps the function under that name (the submodule stays importable as
+    ``siglip_scratch.parity.compare`` through ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,7 @@ from .options import MODES, Mode, RunOptions
 from .preprocess import processor_for_source
 from .reference import build_reference, transformers_version
 from .report import Report
-from .runs import diagnose_failure, judged_run
+from .runs import compiled_run, diagnose_failure, judged_run
 from .sites import SiteProgress
 from .truth import Truth, run_truth
 from .weights import DTYPES, Weights, fingerprint_digest, resolve_weights, weight_fingerprint
@@ -131,10 +131,17 @@ def compare(
 
     runs = [_judged(cand, truth, inputs, opts, run_mode, say) for run_mode in ("isolated", "propagated")]
     runs = [r for r in runs if r is not None]
+    compiled = None
+    if cand.compiled is not None and truth.propagated is not None:
+        say("candidate: the compiled forward, end to end")
+        compiled = compiled_run(cand, truth, inputs, opts.rule)
+    elif cand.compiled is not None:
+        notes.append("the compiled forward was not run: judging it end to end needs a propagated run (--mode both)")
+
     # Why: known-bug variants at the first site that fails in isolated mode (its input is known).
     diagnosis = None
     first_fail = next((r for r in runs[0] if r.status == "fail"), None) if truth.isolated is not None else None
-    if first_fail is not None and first_fail.name in truth.ref_in:
+    if first_fail is not None and (first_fail.name in truth.ref_in or first_fail.name == "vision_model.embeddings"):
         say(f"diagnosis: known-bug variants at {first_fail.name}")
         diagnosis = diagnose_failure(cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail)
 
@@ -153,7 +160,9 @@ def compare(
     notes += small_range_note(truth.ranges)
     if load.allowed_unloaded:
         notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
-    return _report(opts, w, inputs, processor, cand, load, truth, runs, diagnosis, batches, mutated, notes)
+    report = _report(opts, w, inputs, processor, cand, load, truth, runs, diagnosis, batches, mutated, notes)
+    report.compiled_sites = compiled
+    return report
 
 
 def assert_parity(options: RunOptions | None = None, **kwargs: Any) -> Report:
@@ -263,7 +272,9 @@ def _inputs(
 def _infer_sites(cand: Candidate, load: LoadResult, truth: Truth, inputs: ModelInputs) -> list[str]:
     """No rename map given: find each site's module by value (infer.py), adopt the rules and report them."""
     assert cand.module is not None
-    site_rules, closeness = infer_site_rules(cand.module, truth.names, truth.ref_out, inputs, truth.ref_in)
+    site_rules, closeness = infer_site_rules(
+        cand.module, truth.names, truth.ref_out, inputs, truth.ref_in, load.inferred_parameters
+    )
     all_rules = load.inferred_parameters + site_rules
     cand.site_rules = as_rename_rules(all_rules, "inferred rename map")
     cand.info["inferred_rename"] = [list(r) for r in all_rules]
@@ -316,7 +327,7 @@ def _report(
             "source": w.source,
             "synthetic": w.synthetic,
             "kind": "synthetic" if w.synthetic else "real",
-            "regime": w.regime,
+            **({"regime": w.regime} if w.synthetic else {}),
         },
         dtype=opts.dtype,
         device=str(opts.device),

@@ -133,11 +133,14 @@ def _layer(*, attn_residual: bool = True, mlp_residual: bool = True, masked: boo
     return f
 
 
-def _embeddings(*, positions: bool = True, swap_hw: bool = False) -> Variant:
+def _embeddings(*, positions: bool = True, swap_hw: bool = False, column_major: bool = False) -> Variant:
     def f(m: nn.Module, x: torch.Tensor, cfg: SiglipVisionConfig, ctx: Context) -> torch.Tensor:
         conv = m.patch_embedding
         w = conv.weight.transpose(-1, -2) if swap_hw else conv.weight
-        e = F.conv2d(x.to(w.dtype), w, conv.bias, stride=conv.stride).flatten(2).transpose(1, 2)
+        grid = F.conv2d(x.to(w.dtype), w, conv.bias, stride=conv.stride)  # [B, D, h, w]
+        if column_major:  # patches read down the columns (NHWC code flattening W before H)
+            grid = grid.transpose(-1, -2)
+        e = grid.flatten(2).transpose(1, 2)
         return e + m.position_embedding.weight.unsqueeze(0) if positions else e
 
     return f
@@ -233,6 +236,7 @@ VARIANTS: dict[str, list[tuple[str, Variant]]] = {
     "embeddings": [
         ("position embeddings not added", _embeddings(positions=False)),
         ("patch-embedding kernel with H and W swapped", _embeddings(swap_hw=True)),
+        ("patches in column-major order (the token grid transposed before flattening)", _embeddings(column_major=True)),
     ],
     "head": [
         ("the MAP head's in_proj read as k, q, v", _head(order="kqv")),

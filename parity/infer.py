@@ -263,6 +263,7 @@ def infer_site_rules(
     ref_out: Mapping[str, torch.Tensor],
     pixel_values: Any,
     ref_in: Mapping[str, torch.Tensor] | None = None,
+    param_rules: Sequence[Rule] = (),
 ) -> tuple[list[Rule], dict[str, float]]:
     """Rules naming the candidate module of each canonical site (those it lacks by name), found by value.
 
@@ -274,11 +275,19 @@ def infer_site_rules(
     then receives (a ``Linear`` patch embedding followed by ``x += pos`` is not the embeddings).
     Every tensor is copied as it is recorded, so a later in-place op cannot change it.
 
-    Returns (rules, the relative error of each chosen module against the reference: how sure)."""
+    Before any value is looked at, a site whose parameters the parameter rules (``param_rules``) already placed is
+    taken by structure: the candidate module whose parameters map to exactly that site's parameters is the site
+    (``blocks.3.attn`` when its q/k/v/out map to ``layers.3.self_attn``). Structure survives a bug upstream (patches
+    read in the wrong order permute every later value, so values alone would find nothing).
+
+    Returns (rules, the relative error of each chosen module against the reference: how sure; 0 for a site taken
+    by structure)."""
     names = dict(candidate.named_modules())
     lacking = [s for s in sites if s not in names and s in ref_out]
     if not lacking:
         return [], {}
+    structural = _sites_by_parameters(candidate, lacking, param_rules)
+    lacking = [s for s in lacking if s not in structural]
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -328,6 +337,8 @@ def infer_site_rules(
                 best = key
         if best is not None and best[0] < MAX_SITE_ERROR:
             chosen[site], error[site] = best[3], best[0]
+    chosen.update(structural)
+    error.update(dict.fromkeys(structural, 0.0))
     first = chosen.get(FIRST_LAYER, FIRST_LAYER if FIRST_LAYER in names else None)
     if EMBEDDINGS in chosen and first in inputs:
         emb = outputs[chosen[EMBEDDINGS]]
@@ -335,6 +346,35 @@ def infer_site_rules(
             del chosen[EMBEDDINGS], error[EMBEDDINGS]  # judged as layer 0's input instead
     pairs = sorted(((chosen[s], s) for s in chosen), key=lambda p: order[p[0]])
     return _generalise(pairs, by_majority=True), error
+
+
+def _sites_by_parameters(candidate: nn.Module, sites: Sequence[str], rules: Sequence[Rule]) -> dict[str, str]:
+    """site -> candidate module, for sites whose parameters the rules place: the module all of whose parameters map
+    under the site, covering every one the rules map there."""
+    if not rules:
+        return {}
+    compiled = [(re.compile(p), r) for p, r in rules]
+
+    def canonical(key: str) -> str:
+        for pattern, repl in compiled:
+            key = pattern.sub(repl, key)
+        return key
+
+    keys = [k for k, t in candidate.state_dict().items() if t.is_floating_point()]
+    mapped = {k: canonical(k) for k in keys}
+    out: dict[str, str] = {}
+    for site in sites:
+        under = {k for k, c in mapped.items() if c.startswith(site + ".")}
+        if not under:
+            continue
+        best = None
+        for name, module in candidate.named_modules():
+            own = {f"{name}.{k}" if name else k for k, t in module.state_dict().items() if t.is_floating_point()}
+            if own == under and (best is None or len(name) > len(best)):
+                best = name  # the deepest module holding exactly those parameters
+        if best:
+            out[site] = best
+    return out
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float | None:

@@ -118,6 +118,9 @@ def weights_label(weights: dict[str, Any]) -> str:
 
 def extras(report) -> list[str]:
     extra = list(report.notes)
+    if report.compiled_sites:
+        judged = ", ".join(f"{c.name} {c.status} {fmt_ratio(c.ratio)}" for c in report.compiled_sites)
+        extra.append(f"torch.compile: the compiled forward, end to end: {judged}")
     if report.batches is not None and not report.batches["passed"] and report.first_failure() is not None:
         extra.append(f"also {report.batches['cause']}: {report.batches['detail']}")
     line = report.amplification_line() if not report.passed else None

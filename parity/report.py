@@ -8,7 +8,7 @@ JSON schema (stable; fields are only ever added)::
     {"passed": bool, "verdict": str,
      "reference": {"impl", "version", "attn"},
      "candidate": {"impl", "version", "attn", "loaded_via", "inferred_rename"?, "inference"?},
-     "weights": {"source", "synthetic", "kind"}, "dtype", "device", "mode", "depth",
+     "weights": {"source", "synthetic", "kind", "regime" (synthetic only: "trained" | "iid")}, "dtype", "device", "mode", "depth",
      "tolerance": {"atol", "rtol"} | {"rule": "oracle", "k", "k_max", "floor", "floor_max", "unit_roundoff"},
      "inputs": {"batch", "images", "seed", "height", "width"},
      "first_divergent_site": str | null, "missing_keys": [..], "unexpected_keys": [..], "missing_sites": [..],
@@ -67,6 +67,8 @@ class Report:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     propagated_sites: list[SiteResult] | None = None  # mode "both": the end-to-end comparison
+    # A torch.compile'd candidate: its compiled forward's final outputs, judged end to end (runs.compiled_run).
+    compiled_sites: list[SiteResult] | None = None
     unloaded_parameters: list[str] = field(default_factory=list)
     mutated_weights: list[str] = field(default_factory=list)
     nonfinite_weights: list[str] = field(default_factory=list)
@@ -85,7 +87,7 @@ class Report:
 
     @property
     def all_sites(self) -> list[SiteResult]:
-        return self.sites + (self.propagated_sites or [])
+        return self.sites + (self.propagated_sites or []) + (self.compiled_sites or [])
 
     @property
     def missing_sites(self) -> list[str]:
@@ -175,6 +177,8 @@ class Report:
                 f"{', '.join(self.unloaded_parameters[:3])}{', …' if len(self.unloaded_parameters) > 3 else ''} ({run})"
             )
         where = " (propagated)" if self.propagated_sites and first in self.propagated_sites else ""
+        if self.compiled_sites and any(first is c for c in self.compiled_sites):
+            where = " (the compiled forward)"
         if first.status == "fail":
             if first.err_cand is not None and "rule" in self.tolerance:
                 detail = (
@@ -226,6 +230,7 @@ class Report:
                 "amplification": self.amplification,
                 "fp16_overflow_site": self.fp16_overflow_site,
                 "sites": [asdict(s) for s in self.sites],
+                "compiled_sites": None if self.compiled_sites is None else [asdict(s) for s in self.compiled_sites],
                 "propagated_sites": None
                 if self.propagated_sites is None
                 else [asdict(s) for s in self.propagated_sites],
@@ -272,6 +277,17 @@ class Report:
         span = f"{rows[0]['site'].rsplit('.', 1)[-1]}→{rows[-1]['site'].rsplit('.', 1)[-1]}"
         i_local = rows.index(first_local) if first_local is not None else len(rows)
         i_acc = rows.index(first_acc) if first_acc is not None else len(rows)
+        emb = next((s for s in self.sites if s.name == "vision_model.embeddings"), None)
+        if (
+            emb is not None
+            and emb.status in ("fail", "shape", "nonfinite")
+            and (first_local is None or i_acc < i_local)
+        ):
+            also = f"; layers also fail alone from {first_local['site']} on" if first_local is not None else ""
+            return (
+                f"amplification: a local error at vision_model.embeddings, before every layer (isolated "
+                f"{fmt_ratio(emb.ratio)}); the layers carry it (accumulated error over layers {span} grows {growth}){also}"
+            )
         if first_local is not None and i_local <= i_acc:
             return (
                 f"amplification: a local error at {first_local['site']} (isolated ×{first_local['local_ratio']:.3g}); "

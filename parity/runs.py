@@ -14,7 +14,7 @@ from siglip_scratch.config import AnyVisionConfig
 
 from .candidates import Candidate, build_ours
 from .diagnose import Diagnosis, diagnose, naflex_context
-from .inputs import ModelInputs, NaflexInputs, select
+from .inputs import ModelInputs, NaflexInputs, forward_candidate, select
 from .judge import Rule, SiteResult, measure
 from .oracle import SiteTruth
 from .sites import (
@@ -31,7 +31,7 @@ from .sites import (
 )
 from .truth import Truth
 
-__all__ = ["diagnose_failure", "judged_run"]
+__all__ = ["compiled_run", "diagnose_failure", "judged_run"]
 
 
 def _sites_of(cand: Candidate, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -103,6 +103,22 @@ def judged_run(
     return [results.get(n, SiteResult(n, status="missing", note=notes.get(n, ""))) for n in names]
 
 
+def compiled_run(cand: Candidate, truth: Truth, inputs: ModelInputs, rule: Rule) -> list[SiteResult]:
+    """A ``torch.compile``d candidate: its sites were judged on the eager module it wraps (hooks cannot reach into
+    a compiled graph); here the compiled forward itself runs end to end and its final outputs are judged like
+    propagated sites, against the propagated oracle."""
+    assert cand.compiled is not None and truth.propagated is not None
+    with torch.inference_mode():
+        output = forward_candidate(cand.compiled, inputs)
+    results = []
+    for site, tensor in (("vision_model.post_layernorm", first_tensor(output)), ("vision_model.head", _pooled(output))):
+        if site in truth.names and tensor is not None:
+            result = measure(site, select(inputs, tensor), truth.ref_out[site], truth.propagated[site], rule)
+            result.note = "the compiled forward, end to end"
+            results.append(result)
+    return results
+
+
 def _missing_notes(cand: Candidate, missing: Sequence[str]) -> dict[str, str]:
     """For each site the candidate lacks: its closest module names (as the rename rules leave them), so the
     fix (a --rename rule) can be written from the report alone."""
@@ -132,7 +148,9 @@ def diagnose_failure(
     variants of our module for that site against it."""
     site = failed.name
     cand_sites = _sites_of(cand, truth.names)
-    if site not in cand_sites:
+    # A port without an embeddings module: its embeddings are what its layer 0 receives (not teacher-forced).
+    via_first = site == EMBEDDINGS and site not in cand_sites and FIRST_LAYER in cand_sites
+    if site not in cand_sites and not via_first:
         return None
     captured: dict[str, torch.Tensor] = {}
 
@@ -142,11 +160,17 @@ def diagnose_failure(
             captured[name] = t.detach().clone()  # a copy: a later in-place op must not change it
 
     def on_input(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if via_first:
+            t = input_tensor(args, kwargs)
+            if t is not None and site not in captured:
+                captured[site] = t.detach().clone()
+            return None
         return teacher_forced(name, args, kwargs, truth.ref_in, module=cand_sites[name])
 
+    hooked = {FIRST_LAYER: cand_sites[FIRST_LAYER]} if via_first else {site: cand_sites[site]}
     cand.set_mode("isolated")
     try:
-        with torch.inference_mode(), hooks({site: cand_sites[site]}, on_input=on_input, on_output=on_output):
+        with torch.inference_mode(), hooks(hooked, on_input=on_input, on_output=None if via_first else on_output):
             cand.forward(inputs)
     except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
         return None

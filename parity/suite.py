@@ -106,7 +106,7 @@ COLUMNS = (
     ("attn", 5),
     ("mode", 11),
     ("inputs", 9),
-    ("exact", 7),
+    ("bit-exact", 9),
     ("worst ×ref", 10),
     ("time", 6),
     ("verdict", 0),
@@ -130,10 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         help="where the reports go: suite.json (every comparison's full report) and suite.md (default parity-report)",
     )
     p.add_argument(
-        "--progress",
+        "--quick",
         action="store_true",
-        help="a line on stderr as each comparison starts, with the elapsed time and an ETA "
-        "(default: only when stderr is a terminal)",
+        help="a first look: one float32 comparison of base-224 (about a minute), then its golden fingerprint",
+    )
+    p.add_argument("--progress", action="store_true", help="progress lines (the default; kept for scripts)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines (default: on stderr, a line as each comparison starts with an ETA, and one per site "
+        "group as it finishes, at least every 10 s, on a terminal and in a pipe alike)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return run(_main, p.parse_args(argv))
@@ -155,6 +161,8 @@ def _main(args: argparse.Namespace) -> int:
         raise OutputError("exists and is not a folder", str(out_dir), "give --out a folder path")
     failed = False
     reports: list[tuple[str, Any]] = []
+    labels: list[str] = []  # one per report: dtype, attention, mode/depth, inputs (unique headings)
+    golden_results: list[dict[str, Any]] = []
     kinds: dict[str, str] = {}
     n_rows = 0
     t_start = time.perf_counter()
@@ -165,8 +173,10 @@ def _main(args: argparse.Namespace) -> int:
     )
     print(_row([name for name, _ in COLUMNS]), flush=True)
     print("-" * 113, flush=True)
-    show = args.progress or sys.stderr.isatty()
-    plan = [(p, r) for p in args.presets for r in RUNS.get(p, DEFAULT_RUNS)]
+    show = not args.quiet
+    presets = ["google/siglip-base-patch16-224"] if args.quick else args.presets
+    runs_for = (lambda p: RUNS[p][:1]) if args.quick else (lambda p: RUNS.get(p, DEFAULT_RUNS))
+    plan = [(p, r) for p in presets for r in runs_for(p)]
     total_cost = sum(_cost(p, r[3]) for p, r in plan)
     done_cost, t_runs = 0.0, None
 
@@ -190,8 +200,8 @@ def _main(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="siglip-parity-") as tmp:
         images = [str(p) for p in generated_images(Path(tmp))]
-        for preset in args.presets:
-            runs = RUNS.get(preset, DEFAULT_RUNS)
+        for preset in presets:
+            runs = runs_for(preset)
             for dtype in dict.fromkeys(r[0] for r in runs):
                 weights = load_weights(preset, dtype, seed=0)
                 kind = "synthetic" if weights.synthetic else "real"
@@ -203,6 +213,7 @@ def _main(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     report = compare(
                         weights=weights,
+                        progress=_say(t_start) if show else None,
                         mode=mode,
                         depth=depth,
                         dtype=dtype,
@@ -217,9 +228,13 @@ def _main(args: argparse.Namespace) -> int:
                     )
                     failed |= not report.passed
                     reports.append((preset, report))
+                    label = f"{dtype}, {attn}, {mode}/{depth}, " + (
+                        "generated images" if use_images else f"random×{report.inputs['batch']}"
+                    )
                     ratios = [s.ratio for s in report.all_sites if s.ratio is not None]
                     worst = max(ratios) if ratios else float("nan")
                     n_exact = sum(s.exact for s in report.sites)
+                    labels.append(label)
                     cells = [
                         preset.split("/")[-1],
                         kind,
@@ -238,11 +253,11 @@ def _main(args: argparse.Namespace) -> int:
                     if not report.passed:
                         print(report.table(), flush=True)
                 del weights
-        golden = [p for p in args.presets if p in GOLDEN_CASES]
-        golden_ok = run_golden(golden, update=False) if golden else True
+        golden = [p for p in presets if p in GOLDEN_CASES]
+        golden_ok = run_golden(golden, update=False, results=golden_results) if golden else True
     ok = not failed and golden_ok
     total = time.perf_counter() - t_start
-    _write_reports(out_dir, reports, ok)
+    _write_reports(out_dir, reports, labels, golden_results, ok)
 
     print(
         f"\n{'PASS' if ok else 'FAIL'}: {n_rows} comparisons ({'all pass' if not failed else 'some FAIL'}), "
@@ -265,15 +280,30 @@ def _modes(mode: str) -> tuple[str, ...]:
     return ("isolated", "propagated") if mode == "both" else (mode,)
 
 
-def _write_reports(out_dir: Path, reports: list[tuple[str, Any]], ok: bool) -> None:
+def _say(t_start: float):
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f}s]   {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _write_reports(
+    out_dir: Path, reports: list[tuple[str, Any]], labels: list[str], golden: list[dict[str, Any]], ok: bool
+) -> None:
     import json
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        runs = [{"preset": preset, "report": json.loads(r.to_json())} for preset, r in reports]
-        (out_dir / "suite.json").write_text(json.dumps({"passed": ok, "runs": runs}, indent=1), encoding="utf-8")
+        runs = [
+            {"preset": preset, "run": label, "report": json.loads(r.to_json())}
+            for (preset, r), label in zip(reports, labels, strict=True)
+        ]
+        doc = {"passed": ok, "runs": runs, "golden": golden}
+        (out_dir / "suite.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
         md = [f"# make parity: {'PASS' if ok else 'FAIL'}", ""]
-        md += [f"## {preset}\n\n{r.to_markdown()}" for preset, r in reports]
+        md += [f"## {preset}: {label}\n\n{r.to_markdown()}" for (preset, r), label in zip(reports, labels, strict=True)]
+        if golden:
+            md += ["## Golden fingerprints", ""] + [f"- {g['summary']}" for g in golden] + [""]
         (out_dir / "suite.md").write_text("\n".join(md), encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write the reports ({exc.strerror})", str(out_dir), "check the path") from None

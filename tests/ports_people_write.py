@@ -14,7 +14,8 @@ One configurable port, lucidrains-like names (``to_patch_embedding``, ``pos_embe
 
 ``convert_state`` maps the canonical tensors to the port's own names *independently of the harness* (the tests
 load it that way to compute the truth); the harness must find everything itself. ``bug`` plants one: ``eps`` (a
-LayerNorm eps of 1e-5 in ``layer``'s ``norm2``) or ``scale`` (attention logits scaled by 1/head_dim in ``layer``).
+LayerNorm eps of 1e-5 in ``layer``'s ``norm2``), ``scale`` (attention logits scaled by 1/head_dim in ``layer``) or
+``column_major`` (the patch grid flattened column by column, before layer 0).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from .handwritten_port import Pool
 
-STYLES = ("inplace", "inline_attn", "linear_patch", "fused_qkv", "einsum", "float64")
+STYLES = ("plain", "inplace", "inline_attn", "linear_patch", "fused_qkv", "einsum", "float64")
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, einsum: bool) -> torch.Tensor:
@@ -115,8 +116,9 @@ class PeoplePort(nn.Module):
         elif bug == "scale":
             target = self.layers[layer] if style == "inline_attn" else self.layers[layer].attn
             target.scale = 1.0 / (dim // heads)
-        elif bug is not None:
+        elif bug not in (None, "column_major"):
             raise ValueError(bug)
+        self.column_major = bug == "column_major"  # patches read down the columns (a slip from NHWC code)
 
     def load_hf_state_dict(self, sd) -> None:
         """What renaming cannot express: a conv kernel as a Linear over (c, ph, pw) patches, a [1, N, D] table,
@@ -146,7 +148,9 @@ class PeoplePort(nn.Module):
             x = self.to_patch_embedding(patches.reshape(B, (H // p) * (W // p), C * p * p))
             x += self.pos_embedding
         else:
-            x = self.to_patch_embedding(pixel_values).flatten(2).transpose(1, 2) + self.pos_embedding
+            grid = self.to_patch_embedding(pixel_values)
+            grid = grid.transpose(-1, -2) if self.column_major else grid
+            x = grid.flatten(2).transpose(1, 2) + self.pos_embedding
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)
@@ -192,10 +196,24 @@ def convert_state(state: dict[str, torch.Tensor], style: str, layers: int) -> di
     return out
 
 
+def _miscompiling(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+    """A torch.compile backend standing in for a miscompile: the compiled graph's float outputs come out ×1.001."""
+
+    def run(*args):
+        outs = gm(*args)
+        return type(outs)(o * 1.001 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in outs)
+
+    return run
+
+
 def build(style: str, bug: str | None = None, layer: int = 0):
-    """A factory for ``compare(candidate=…)``: the harness calls it with the config dict."""
+    """A factory for ``compare(candidate=…)``: the harness calls it with the config dict. ``plain_compiled`` is the
+    plain port under ``torch.compile`` (inductor), or with ``bug="compiled_scale"`` under a miscompiling backend."""
 
     def factory(cfg: dict) -> PeoplePort:
+        if style == "plain_compiled":
+            backend = _miscompiling if bug == "compiled_scale" else "inductor"
+            return torch.compile(PeoplePort(cfg, "plain"), backend=backend)
         return PeoplePort(cfg, style, bug, layer)
 
     factory.__qualname__ = f"PeoplePort[{style}{', ' + bug + f' in layer {layer}' if bug else ''}]"

@@ -155,3 +155,88 @@ def test_onnx_candidate_in_bfloat16_is_refused(tmp_path, capsys, hf):
     path = _ours_onnx(tmp_path)
     assert parity_main(["--preset", "google/siglip-base-patch16-224", "--candidate", path, "--dtype", "bfloat16"]) == 2
     assert "runs in its graph's float32" in capsys.readouterr().err
+
+
+def _export_dynamo(module: torch.nn.Module, path) -> str:
+    """torch 2.13's default exporter: module paths only in each node's pkg.torch.onnx.name_scopes metadata."""
+    import contextlib
+    import io
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            (torch.randn(2, 3, 32, 32),),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=["last_hidden_state", "pooler_output"],
+            dynamic_shapes=({0: "batch"},),
+        )
+        program.save(str(path))
+    return str(path)
+
+
+def test_dynamo_export_passes_with_no_flags(tmp_path, hf):
+    """Was: exit 2, "no canonical site found in the graph's node names" (node_MatMul_6 carries no path; the scopes
+    are in metadata), and the dynamic batch's Shape bookkeeping would have read as a second site input."""
+    model = SiglipVisionModel.from_state_dict(CFG, _weights().state_dict)
+    path = _export_dynamo(_Outputs(model.vision_model, "vision_model"), tmp_path / "dynamo.onnx")
+    report = compare(weights=_weights(), candidate=path, depth="fine")
+    assert report.passed, report.table()
+    assert len(report.candidate["site_values"]) == 18, report.candidate["site_values"]
+    assert parity_main(["--weights", str(_folder(tmp_path)), "--candidate", path]) == 0
+
+
+def _folder(tmp_path):
+    folder = tmp_path / "weights"
+    if not folder.exists():
+        SiglipVisionModel.from_state_dict(CFG, _weights().state_dict).save_pretrained(folder)
+    return folder
+
+
+def test_dynamo_export_with_a_planted_bug_fails_at_its_site(tmp_path, hf):
+    model = SiglipVisionModel.from_state_dict(CFG, {k: v.clone() for k, v in _weights().state_dict.items()})
+    fc2 = model.vision_model.encoder.layers[2].mlp.fc2
+    with torch.no_grad():
+        fc2.weight.mul_(1.001)
+    path = _export_dynamo(_Outputs(model.vision_model, "vision_model"), tmp_path / "bug.onnx")
+    report = compare(weights=_weights(), candidate=path, depth="fine")
+    assert not report.passed and report.first_divergent_site.startswith("vision_model.encoder.layers.2.mlp"), (
+        report.table()
+    )
+
+
+def test_legacy_export_with_deduplicated_initializers_passes(tmp_path, hf):
+    """Was: exit 2, "cannot tell …layer_norm1's output and input": LayerNorms at their initial values (all ones,
+    all zeros) share one initializer, which the exporter aliases through Identity nodes outside every scope."""
+    state = {k: v.clone() for k, v in _weights().state_dict.items()}
+    for k in state:
+        if "layer_norm" in k or "layernorm" in k:
+            state[k] = torch.ones_like(state[k]) if k.endswith("weight") else torch.zeros_like(state[k])
+    w = Weights(CFG, state, "initial norms", synthetic=True)
+    model = SiglipVisionModel.from_state_dict(CFG, {k: v.clone() for k, v in state.items()})
+    path = _export(_Outputs(model.vision_model, "vision_model"), tmp_path / "dedup.onnx")
+    import onnx
+
+    assert any(n.op_type == "Identity" for n in onnx.load(path).graph.node), "the exporter no longer deduplicates"
+    report = compare(weights=w, candidate=path, depth="fine")
+    assert report.passed, report.table()
+
+
+def test_a_static_batch_graph_is_a_one_line_error_with_the_fix(tmp_path, capsys, hf):
+    model = SiglipVisionModel.from_state_dict(CFG, _weights().state_dict)
+    path = tmp_path / "static.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Outputs(model.vision_model, "vision_model").eval(),
+            (torch.randn(1, 3, 32, 32),),
+            str(path),
+            dynamo=False,
+            opset_version=20,
+            input_names=["pixel_values"],
+        )
+    rc = parity_main(["--weights", str(_folder(tmp_path)), "--candidate", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch is fixed at 1" in err and "--batch 1" in err and err.count("\n") == 1, err
+    assert parity_main(["--weights", str(_folder(tmp_path)), "--candidate", str(path), "--batch", "1"]) == 0

@@ -149,3 +149,38 @@ def test_planted_bug_in_a_port_fails(style, bug, layer, weights, truth, hf):
         assert ratio > 1.0, ratio
     assert not report.passed, f"{style}, {bug} in layer {layer} (independently ×{ratio:.3g}) passed:\n{report.table()}"
     assert report.first_divergent_site.startswith(where), report.table()
+
+
+def test_was_wrong_torch_compile_of_an_exact_port(weights, truth, hf):
+    """Was: exit 2 (dynamo traced the harness's hooks; teacher forcing fed a [B, N, D] tensor to the patch conv).
+    The sites are judged on the eager module the compiled wrapper holds; the compiled forward runs end to end and
+    its final outputs are judged against the propagated oracle."""
+    honest, ratio = _independent_verdict("plain", None, 0, weights, truth)
+    assert honest, ratio
+    report = compare(weights=weights, candidate=ports.build("plain_compiled"))
+    assert report.passed, report.table()
+    assert report.compiled_sites and all(s.passed for s in report.compiled_sites), report.table()
+    assert "torch.compile" in report.table()
+
+
+def test_a_bug_only_the_compiled_forward_has_is_caught(weights, hf):
+    """The eager module is right but the compiled forward is not (a stand-in for a miscompile: the compiled
+    wrapper's forward scales the output): the sites pass, the compiled forward's outputs fail."""
+    report = compare(weights=weights, candidate=ports.build("plain_compiled", "compiled_scale"))
+    assert not report.passed and report.compiled_sites is not None, report.table()
+    assert "(the compiled forward)" in report.verdict, report.verdict
+
+
+def test_patches_in_column_major_order_are_blamed_at_the_embeddings_and_named(weights, truth, hf):
+    """Was (#23): with the inferred map 15 of 23 sites MISSING (every value after the embeddings is permuted, so
+    value-based inference found nothing) and the verdict blamed a missing module; with a map the embeddings were
+    blamed with no cause and the amplification line said "drift". Now the layers are found by structure (their
+    parameters), the embeddings fail first, the cause is named and the wording says where the error was made."""
+    honest, ratio = _independent_verdict("plain", "column_major", 0, weights, truth)
+    assert not honest, ratio
+    report = compare(weights=weights, candidate=ports.build("plain", "column_major"))
+    assert not report.passed and report.missing_sites == [], report.table()
+    assert report.first_divergent_site == "vision_model.embeddings", report.table()
+    assert report.diagnosis and "column-major" in (report.diagnosis["likely_cause"] or ""), report.diagnosis
+    line = report.amplification_line()
+    assert line and "a local error at vision_model.embeddings" in line and "drift" not in line, line

@@ -60,6 +60,9 @@ class Candidate(abc.ABC):
 
     def __init__(self) -> None:
         self.module: nn.Module | None = None
+        # A torch.compile'd candidate: the compiled wrapper (``module`` is then the eager module it wraps, which the
+        # harness hooks); its own forward is judged end to end (`runs.compiled_run`).
+        self.compiled: nn.Module | None = None
         self.site_rules: RenameRules = []
         self.info: dict[str, Any] = {}
 

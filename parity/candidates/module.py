@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 import siglip_scratch
 from siglip_scratch.config import AnyVisionConfig, Siglip2VisionConfig
@@ -84,6 +85,8 @@ class ModuleCandidate(Candidate):
         else:
             cand_attn = getattr(self.module, "attn_implementation", "n/a")
         assert self.module is not None
+        if isinstance(self.module, OptimizedModule):  # torch.compile(model): hook the eager module it wraps
+            self.compiled, self.module = self.module, self.module._orig_mod
         inferred: list[tuple[str, str]] = []
         account = ""
         if infer:
@@ -95,4 +98,6 @@ class ModuleCandidate(Candidate):
         load.inferred_parameters, load.account = inferred, account
         self.site_rules = list(rules)
         self.info = {"impl": self.spec, "version": "", "attn": str(cand_attn)}
+        if self.compiled is not None:
+            self.info["compiled"] = "torch.compile: sites judged on the eager module it wraps, its forward end to end"
         return load

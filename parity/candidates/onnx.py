@@ -17,6 +17,7 @@ names, like `activations.ActivationCandidate`. NaFlex graphs (three inputs, mask
 
 from __future__ import annotations
 
+import ast
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,12 +51,51 @@ def _require():
     return onnx, onnxruntime
 
 
-def _module_path(node_name: str) -> str | None:
-    """``/vision_model/encoder/layers.0/mlp/fc1/MatMul`` -> ``vision_model.encoder.layers.0.mlp.fc1``."""
-    if not node_name.startswith("/"):
+def _module_path(node: Any) -> str | None:
+    """The module path a node was exported from, as either exporter records it.
+
+    The legacy exporter writes it into the node name (``/vision_model/encoder/layers.0/mlp/fc1/MatMul``); the dynamo
+    exporter (``torch.onnx.export(..., dynamo=True)``, the default from torch 2.9) names nodes ``node_MatMul_6`` and
+    keeps the scopes in the ``pkg.torch.onnx.name_scopes`` metadata: ``['', 'vision_model', …,
+    'vision_model.encoder.layers.0.mlp.fc1', 'linear']`` (the root, each enclosing module's full path, the op).
+    Either gives ``vision_model.encoder.layers.0.mlp.fc1``; a node outside every module gives None.
+    """
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            if not isinstance(scopes, list) or len(scopes) < 2 or scopes[0] != "":
+                return None  # not under the exported module (shape bookkeeping the exporter adds)
+            modules = [s for s in scopes[1:-1] if isinstance(s, str) and s]
+            return modules[-1] if modules else None
+    if not node.name.startswith("/"):
         return None
-    parts = node_name.split("/")[1:-1]
+    parts = node.name.split("/")[1:-1]
     return ".".join(parts) if parts else None
+
+
+# ONNX TensorProto element types of floating-point data: a site's input and output are these; integer values are
+# shape bookkeeping (a dynamic batch size read with Shape), never a site's data.
+_FLOAT_TYPES = {1, 10, 11, 16}
+
+
+def _constants(graph: Any) -> set[str]:
+    """Values that do not depend on the graph's input: initializers, Constant outputs, and everything computed from
+    those alone (an optimiser's Split of a fused weight, the Identity a deduplicated initializer becomes)."""
+    constants = {t.name for t in graph.initializer}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if node.op_type in _CONSTANT_OPS or all(not i or i in constants for i in node.input):
+            constants.update(node.output)
+    return constants
+
+
+def _elem_types(model: Any) -> dict[str, int]:
+    graph = model.graph
+    out = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    out.update({t.name: t.data_type for t in graph.initializer})
+    return out
 
 
 class OnnxCandidate(Candidate):
@@ -106,14 +146,19 @@ class OnnxCandidate(Candidate):
         }
         self.run_mode = "propagated"
         self._stored: dict[str, torch.Tensor] = {}
+        self._aux_values: dict[str, np.ndarray] = {}
         self._sessions: dict[str, Any] = {}
         self.module = ReplayTree(self, [s for s in self.sites if s in self.ios])
         return LoadResult(via="the ONNX graph's own initializers")
 
     # -- graph analysis ------------------------------------------------------------------------------------
     def _find_sites(self, graph: Any, rename: RenameRules) -> dict[str, tuple[str, str]]:
-        constants = {t.name for t in graph.initializer}
-        constants |= {o for n in graph.node if n.op_type in _CONSTANT_OPS for o in n.output}
+        constants = _constants(graph)
+        types = _elem_types(self.model)
+        # Shape bookkeeping computed from the input (a dynamic batch size read with Shape): never a site's data
+        # input or output, but a sub-graph run alone needs it fed (`aux`).
+        bookkeeping = {v for v, t in types.items() if t and t not in _FLOAT_TYPES and v not in constants}
+        self.aux: dict[str, list[str]] = {}
         produced_by: dict[str, int] = {}
         for idx, node in enumerate(graph.node):
             for o in node.output:
@@ -130,7 +175,7 @@ class OnnxCandidate(Candidate):
 
         members: dict[str, list[int]] = {}
         for idx, node in enumerate(graph.node):
-            path = _module_path(node.name)
+            path = _module_path(node)
             if path is None:
                 continue
             parts = path.split(".")
@@ -147,7 +192,7 @@ class OnnxCandidate(Candidate):
                 for o in graph.node[i].output
                 if o not in constants and (o in graph_outputs or any(c not in idxs for c in consumers.get(o, [])))
             ]
-            ins = sorted(
+            external = sorted(
                 {
                     v
                     for i in idxs
@@ -155,17 +200,20 @@ class OnnxCandidate(Candidate):
                     if v and v not in constants and produced_by.get(v) not in idxs
                 }
             )
-            ins = [v for v in ins if v == self.input_name or produced_by.get(v) is not None]
+            external = [v for v in external if v == self.input_name or produced_by.get(v) is not None]
+            ins = [v for v in external if v not in bookkeeping]
+            self.aux[site] = [v for v in external if v in bookkeeping]
+            outs = [o for o in outs if o not in bookkeeping]
             if len(outs) != 1 or len(ins) != 1:
                 raise InputError(
                     f"cannot tell {site}'s output and input in the graph (outputs {outs[:3]}, inputs {ins[:3]})",
                     str(self.path),
-                    "export with module paths in node names (torch.onnx.export of the module), or map them with --rename",
+                    "export with torch.onnx.export (legacy or dynamo) of a module with hub paths, or map them with --rename",
                 )
             ios[site] = (ins[0], outs[0])
         if not ios:
             raise InputError(
-                "no canonical site found in the graph's node names",
+                "no canonical site found in the graph (node names or pkg.torch.onnx.name_scopes metadata)",
                 str(self.path),
                 "export with torch.onnx.export from a model with hub module paths, or map its paths with --rename",
             )
@@ -181,13 +229,17 @@ class OnnxCandidate(Candidate):
             )
         return self._sessions[key]
 
+    def _wanted(self) -> set[str]:
+        """The values a run must give back: every site's input and output, and the bookkeeping its sub-graph needs."""
+        return {v for pair in self.ios.values() for v in pair} | {v for vs in self.aux.values() for v in vs}
+
     def _full(self) -> Any:
         import onnx
 
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         have = {o.name for o in model.graph.output}
-        for value in {v for pair in self.ios.values() for v in pair} - {self.input_name}:
+        for value in self._wanted() - {self.input_name}:
             if value not in have:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
                 have.add(value)
@@ -205,18 +257,29 @@ class OnnxCandidate(Candidate):
         import onnx
 
         src, dst = self.ios[site]
+        aux = self.aux.get(site, [])
         if site not in self._sessions:
-            sub = onnx.utils.Extractor(self.model).extract_model([src], [dst])
+            sub = onnx.utils.Extractor(self.model).extract_model([src, *aux], [dst])
             self._session(site, sub)
-        out = self._sessions[site].run([dst], {src: x.detach().cpu().numpy()})[0]
+        feed = {src: x.detach().cpu().numpy(), **{v: self._aux_values[v] for v in aux}}
+        out = self._sessions[site].run([dst], feed)[0]
         return torch.from_numpy(np.ascontiguousarray(out))
 
     def replay(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
         session = self._session("full", self._full())
         feed = pixel_values.detach().cpu().numpy()
-        wanted = sorted({v for pair in self.ios.values() for v in pair} - {self.input_name})
+        declared = self.model.graph.input[[i.name for i in self.model.graph.input].index(self.input_name)]
+        dims = declared.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != feed.shape[0]:
+            raise InputError(
+                f"the graph's batch is fixed at {dims[0].dim_value}, the run has {feed.shape[0]} images",
+                str(self.path),
+                f"pass --batch {dims[0].dim_value}, or export with a dynamic batch axis (dynamic_axes / dynamic_shapes)",
+            )
+        wanted = sorted(self._wanted() - {self.input_name})
         by_value = dict(zip(wanted, session.run(wanted, {self.input_name: feed}), strict=True))
         by_value[self.input_name] = feed
+        self._aux_values = {v: by_value[v] for vs in self.aux.values() for v in vs}
 
         def tensor(value: str) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(by_value[value]))
