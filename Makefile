@@ -28,16 +28,24 @@ install-457: $(VENV457)/.installed
 $(VENV457)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(PY457) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5" "pytest-xdist>=3.5"
+	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5"
 	touch $@
 
 ## test: the fast suite (tiny and base configs) against the installed transformers 5.x
 test: install
 	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q
 
-## test-457: the transformers- and hub-client-facing tests again under transformers 4.57.6 / huggingface_hub 0.x
+# What differs under transformers 4.57.6 / huggingface_hub 0.x: the reference's layout and arithmetic, what its
+# save_pretrained writes (plain, VLM, SigLIP 2), its processors and ONNX exports, the hub client, and the
+# version-stamped exports. The judging logic (trust, diagnosis, inference, ports, batches, regime) does not
+# depend on the version and runs once, in `make test`.
+VERSIONED_TESTS := tests/test_model_vs_transformers.py tests/test_convert.py tests/test_vlm.py tests/test_naflex.py \
+	tests/test_weights.py tests/test_verify.py tests/test_hub_faults.py tests/test_processor.py \
+	tests/test_preprocess.py tests/test_onnx.py tests/test_parity.py tests/test_activations.py tests/test_errors.py
+
+## test-457: the tests of what differs between transformers versions, again under 4.57.6 / huggingface_hub 0.x
 test-457: install-457
-	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY457) -m pytest -q -m "(transformers or hub) and not slow"
+	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY457) -m pytest -q -m "(transformers or hub) and not slow" $(VERSIONED_TESTS)
 
 ## test-slow: full-size presets (so400m) and other minutes-long tests
 test-slow: install

@@ -127,7 +127,7 @@ def compare(
         w.config, w.state_dict, rules, names=truth.names, attn=opts.attn, allowed=opts.allowed, infer=infer
     )
     cand.to(opts.device, DTYPES[opts.dtype])  # a no-op for the shared tensors, already in place
-    notes = _infer_sites(cand, load, truth, inputs) if infer else []
+    notes = _infer_sites(cand, load, truth, inputs, list(w.state_dict)) if infer else []
 
     runs = [_judged(cand, truth, inputs, opts, run_mode, say) for run_mode in ("isolated", "propagated")]
     runs = [r for r in runs if r is not None]
@@ -269,11 +269,13 @@ def _inputs(
     return pixel_values.to(device=opts.device, dtype=DTYPES[opts.dtype]), processor
 
 
-def _infer_sites(cand: Candidate, load: LoadResult, truth: Truth, inputs: ModelInputs) -> list[str]:
+def _infer_sites(
+    cand: Candidate, load: LoadResult, truth: Truth, inputs: ModelInputs, state_keys: list[str]
+) -> list[str]:
     """No rename map given: find each site's module by value (infer.py), adopt the rules and report them."""
     assert cand.module is not None
     site_rules, closeness = infer_site_rules(
-        cand.module, truth.names, truth.ref_out, inputs, truth.ref_in, load.inferred_parameters
+        cand.module, truth.names, truth.ref_out, inputs, truth.ref_in, load.inferred_parameters, state_keys
     )
     all_rules = load.inferred_parameters + site_rules
     cand.site_rules = as_rename_rules(all_rules, "inferred rename map")

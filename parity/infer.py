@@ -264,6 +264,7 @@ def infer_site_rules(
     pixel_values: Any,
     ref_in: Mapping[str, torch.Tensor] | None = None,
     param_rules: Sequence[Rule] = (),
+    state_keys: Sequence[str] = (),
 ) -> tuple[list[Rule], dict[str, float]]:
     """Rules naming the candidate module of each canonical site (those it lacks by name), found by value.
 
@@ -286,7 +287,7 @@ def infer_site_rules(
     lacking = [s for s in sites if s not in names and s in ref_out]
     if not lacking:
         return [], {}
-    structural = _sites_by_parameters(candidate, lacking, param_rules)
+    structural = _sites_by_parameters(candidate, lacking, param_rules, state_keys)
     lacking = [s for s in lacking if s not in structural]
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
@@ -348,10 +349,13 @@ def infer_site_rules(
     return _generalise(pairs, by_majority=True), error
 
 
-def _sites_by_parameters(candidate: nn.Module, sites: Sequence[str], rules: Sequence[Rule]) -> dict[str, str]:
-    """site -> candidate module, for sites whose parameters the rules place: the module all of whose parameters map
-    under the site, covering every one the rules map there."""
-    if not rules:
+def _sites_by_parameters(
+    candidate: nn.Module, sites: Sequence[str], rules: Sequence[Rule], state_keys: Sequence[str]
+) -> dict[str, str]:
+    """site -> candidate module, for sites whose parameters the rules place: the module whose parameters map, one to
+    one, onto every canonical parameter of the site (a fused qkv its loader fills is not placed, so an attention
+    holding one is left to the search by value, never matched by its output projection alone)."""
+    if not rules or not state_keys:
         return {}
     compiled = [(re.compile(p), r) for p, r in rules]
 
@@ -365,7 +369,8 @@ def _sites_by_parameters(candidate: nn.Module, sites: Sequence[str], rules: Sequ
     out: dict[str, str] = {}
     for site in sites:
         under = {k for k, c in mapped.items() if c.startswith(site + ".")}
-        if not under:
+        wanted = {k for k in state_keys if k.startswith(site + ".")}
+        if not under or {mapped[k] for k in under} != wanted:
             continue
         best = None
         for name, module in candidate.named_modules():

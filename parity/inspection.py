@@ -93,7 +93,9 @@ def inspect_candidate(
     assert cand is not None
     cand.eval()
     param_rules = [tuple(r) for r in load.inferred_parameters] if infer else []
-    site_rules, closeness = infer_site_rules(cand, names, ref_out, pixels, ref_in, param_rules) if infer else ([], {})
+    site_rules, closeness = (
+        infer_site_rules(cand, names, ref_out, pixels, ref_in, param_rules, list(w.state_dict)) if infer else ([], {})
+    )
     rules = param_rules + site_rules if infer else [(p.pattern, r) for p, r in given]
     compiled = as_rename_rules(rules, "rename map")
     modules = {apply_rename(n, compiled): n for n, _ in cand.named_modules() if n}

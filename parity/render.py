@@ -22,6 +22,7 @@ __all__ = [
     "combined_json",
     "combined_markdown",
     "extras",
+    "figure",
     "head",
     "markdown",
     "plot",
@@ -99,7 +100,8 @@ def head(report) -> str:
     cand = (
         f"candidate {report.candidate['impl']} ({framework}, {report.candidate.get('runtime', 'unknown')})"
         if framework
-        else f"candidate {report.candidate['impl']} ({report.candidate.get('attn', 'n/a')})"
+        else f"candidate {report.candidate['impl']}"
+        + (f" ({report.candidate['attn']})" if report.candidate.get("attn", "n/a") != "n/a" else "")
     )
     return (
         f"reference {report.reference['impl']} {report.reference['version']} ({report.reference['attn']}) vs "
@@ -180,6 +182,21 @@ def markdown(report) -> str:
 
 def plot(report, path: str | Path) -> None:
     """Per-site error (against the float64 oracle, or max |Δ|) and its bound, log scale (needs matplotlib)."""
+    fig = figure(report)
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as exc:
+        raise OutputError(f"cannot write plot ({exc})", str(path), None) from None
+    finally:
+        plt.close(fig)
+
+
+def figure(report) -> Any:
+    """The plot's matplotlib figure: the per-site panel and, in mode both, the per-layer amplification panel.
+    Legends sit outside the axes (they never cover a point), layer ticks are whole layers, the log axes label
+    their decades only."""
     try:
         import matplotlib
 
@@ -209,12 +226,14 @@ def plot(report, path: str | Path) -> None:
         )
         ax_amp.axhline(2.0, linestyle="--", linewidth=0.8, color="gray", label="rule: ×2 (+ a roundoff floor)")
         ax_amp.set_yscale("log")
-        ax_amp.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax_amp.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax_amp.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10))
+        ax_amp.yaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation(base=10))
+        ax_amp.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax_amp.set_xticks(layers)
         ax_amp.set_xlabel("layer")
         ax_amp.set_ylabel("× transformers' own error")
         ax_amp.set_title("\n".join(textwrap.wrap(report.amplification_line() or "amplification", 95)), fontsize=7)
-        ax_amp.legend(fontsize=6)
+        ax_amp.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
     x = range(len(names))
@@ -232,14 +251,9 @@ def plot(report, path: str | Path) -> None:
     ax.set_xticks(list(x), names, rotation=90, fontsize=6)
     ax.set_ylabel("RMS error vs float64 oracle / RMS" if oracle else "max |Δ|")
     ax.set_title("\n".join(textwrap.wrap(report.verdict, 95)), fontsize=7)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise OutputError(f"cannot write plot ({exc})", str(path), None) from None
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def _plot_value(x: float | None, floor: float) -> float:

@@ -46,3 +46,37 @@ def test_usage_errors_come_before_torch_is_imported(cli):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_failing_run_plot_is_readable(tmp_path, hf):
+    """Was: the amplification panel's y labels overlapped (every minor tick labelled), its layer ticks fell on
+    half layers, and the legends covered points. Rendered here and read back from the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from siglip_scratch.parity import compare
+    from siglip_scratch.parity.render import figure
+
+    from . import ports_people_write as ports
+    from .test_ports_people_write import SMALL
+
+    report = compare(weights=_small(SMALL), candidate=ports.build("inplace", "scale", 2))
+    assert not report.passed and report.amplification
+    fig = figure(report)
+    ax, amp = fig.axes[:2]
+    assert all(float(t).is_integer() for t in amp.get_xticks()), amp.get_xticks()
+    minor = [t.get_text() for t in amp.yaxis.get_minorticklabels() if t.get_text()]
+    assert not minor, f"minor ticks labelled: {minor}"
+    for axis in (ax, amp):
+        box = axis.get_legend().get_window_extent(fig.canvas.get_renderer())
+        inside = axis.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= inside.x1 - 1, "the legend sits over the points"
+    report.plot(tmp_path / "fail.png")
+    assert (tmp_path / "fail.png").stat().st_size > 10_000
+
+
+def _small(config):
+    from siglip_scratch.modeling import synthetic_state_dict
+    from siglip_scratch.parity import Weights
+
+    return Weights(config, synthetic_state_dict(config, seed=0), "small (seed 0)", synthetic=True)
