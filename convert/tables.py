@@ -1,4 +1,5 @@
-"""Key tables: source-key templates -> canonical keys, and the transforms between layouts.
+"""The table machinery: rows (source-key templates -> canonical keys), the transforms between layouts, and
+applying a family's table to a store (the families' own tables are in `formats/`).
 
 A row is ``(target template, source templates, transform)``; ``{}`` is the layer index. A target
 is produced from its sources by the transform; a source may feed several targets (a fused qkv
@@ -21,12 +22,39 @@ Layouts (one comment per change, as both sides see it):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BIG_VISION_NAFLEX_TABLE", "BIG_VISION_TABLE", "TIMM_TABLE", "Row", "Transform"]
+from siglip_scratch.checkpoint import TensorInfo
+from siglip_scratch.errors import CheckpointError
+
+from .stores import Store
+
+__all__ = [
+    "DENSE",
+    "SQUEEZE0",
+    "Planned",
+    "Row",
+    "Transform",
+    "apply_table",
+    "cat",
+    "chunk",
+    "dense",
+    "grid_to_table",
+    "heads_bias",
+    "hwio_to_oihw",
+    "layer_count",
+    "layer_rows",
+    "loader",
+    "one",
+    "out_kernel",
+    "qkv_kernel",
+    "rank_shape",
+    "squeeze0",
+]
 
 Transform = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -40,159 +68,143 @@ class Row:
     head: bool = False  # part of the MAP head
 
 
-def _one(f: Callable[[torch.Tensor], torch.Tensor]) -> Transform:
+def one(f: Callable[[torch.Tensor], torch.Tensor]) -> Transform:
     return lambda xs: f(xs[0])
 
 
-def _cat(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+def cat(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(xs), dim=0)
 
 
-def _chunk(i: int, n: int) -> Transform:
+def chunk(i: int, n: int) -> Transform:
     return lambda xs: xs[0].chunk(n, dim=0)[i]
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:  # (in, out) -> (out, in)
+def dense(x: torch.Tensor) -> torch.Tensor:  # (in, out) -> (out, in)
     return x.t()
 
 
-def _hwio_to_oihw(x: torch.Tensor) -> torch.Tensor:
+def hwio_to_oihw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(3, 2, 0, 1)
 
 
-def _qkv_kernel(x: torch.Tensor) -> torch.Tensor:  # (D, heads, head_dim) -> (D_out, D_in)
+def qkv_kernel(x: torch.Tensor) -> torch.Tensor:  # (D, heads, head_dim) -> (D_out, D_in)
     return x.reshape(x.shape[0], -1).t()
 
 
-def _heads_bias(x: torch.Tensor) -> torch.Tensor:  # (heads, head_dim) -> (D,)
+def heads_bias(x: torch.Tensor) -> torch.Tensor:  # (heads, head_dim) -> (D,)
     return x.reshape(-1)
 
 
-def _out_kernel(x: torch.Tensor) -> torch.Tensor:  # (heads, head_dim, D) -> (D_out, D_in)
+def out_kernel(x: torch.Tensor) -> torch.Tensor:  # (heads, head_dim, D) -> (D_out, D_in)
     return x.reshape(-1, x.shape[-1]).t()
 
 
-def _squeeze0(x: torch.Tensor) -> torch.Tensor:  # (1, N, D) -> (N, D)
+def squeeze0(x: torch.Tensor) -> torch.Tensor:  # (1, N, D) -> (N, D)
     return x.reshape(x.shape[-2], x.shape[-1])
 
 
-SQUEEZE0 = _one(_squeeze0)
-DENSE = _one(_dense)
+SQUEEZE0 = one(squeeze0)
+DENSE = one(dense)
 
 
-def _layer_rows(src_prefix: str, rows: Sequence[tuple[str, str, Transform | None]]) -> list[Row]:
+def layer_rows(src_prefix: str, rows: Sequence[tuple[str, str, Transform | None]]) -> list[Row]:
     return [Row(f"vision_model.encoder.layers.{{}}.{t}", (src_prefix + s,), f, layered=True) for t, s, f in rows]
 
 
-# -- big_vision .npz (paths relative to the tower root: "img/" or "params/img/") -------------------
-_BV_BLOCK = "Transformer/encoderblock_{}/"
-_BV_ATTN = "MultiHeadDotProductAttention_0/"
-
-BIG_VISION_TABLE: list[Row] = [
-    Row("vision_model.embeddings.patch_embedding.weight", ("embedding/kernel",), _one(_hwio_to_oihw)),
-    Row("vision_model.embeddings.patch_embedding.bias", ("embedding/bias",), None),
-    Row("vision_model.embeddings.position_embedding.weight", ("pos_embedding",), SQUEEZE0),
-    *_layer_rows(
-        _BV_BLOCK,
-        [
-            ("layer_norm1.weight", "LayerNorm_0/scale", None),
-            ("layer_norm1.bias", "LayerNorm_0/bias", None),
-            ("self_attn.q_proj.weight", _BV_ATTN + "query/kernel", _one(_qkv_kernel)),
-            ("self_attn.q_proj.bias", _BV_ATTN + "query/bias", _one(_heads_bias)),
-            ("self_attn.k_proj.weight", _BV_ATTN + "key/kernel", _one(_qkv_kernel)),
-            ("self_attn.k_proj.bias", _BV_ATTN + "key/bias", _one(_heads_bias)),
-            ("self_attn.v_proj.weight", _BV_ATTN + "value/kernel", _one(_qkv_kernel)),
-            ("self_attn.v_proj.bias", _BV_ATTN + "value/bias", _one(_heads_bias)),
-            ("self_attn.out_proj.weight", _BV_ATTN + "out/kernel", _one(_out_kernel)),
-            ("self_attn.out_proj.bias", _BV_ATTN + "out/bias", None),
-            ("layer_norm2.weight", "LayerNorm_1/scale", None),
-            ("layer_norm2.bias", "LayerNorm_1/bias", None),
-            ("mlp.fc1.weight", "MlpBlock_0/Dense_0/kernel", DENSE),
-            ("mlp.fc1.bias", "MlpBlock_0/Dense_0/bias", None),
-            ("mlp.fc2.weight", "MlpBlock_0/Dense_1/kernel", DENSE),
-            ("mlp.fc2.bias", "MlpBlock_0/Dense_1/bias", None),
-        ],
-    ),
-    Row("vision_model.post_layernorm.weight", ("Transformer/encoder_norm/scale",), None),
-    Row("vision_model.post_layernorm.bias", ("Transformer/encoder_norm/bias",), None),
-    Row("vision_model.head.probe", ("MAPHead_0/probe",), None, head=True),
-    Row(
-        "vision_model.head.attention.in_proj_weight",
-        tuple(f"MAPHead_0/{_BV_ATTN}{n}/kernel" for n in ("query", "key", "value")),
-        lambda xs: torch.cat([_qkv_kernel(x) for x in xs], dim=0),
-        head=True,
-    ),
-    Row(
-        "vision_model.head.attention.in_proj_bias",
-        tuple(f"MAPHead_0/{_BV_ATTN}{n}/bias" for n in ("query", "key", "value")),
-        lambda xs: torch.cat([_heads_bias(x) for x in xs], dim=0),
-        head=True,
-    ),
-    Row(
-        "vision_model.head.attention.out_proj.weight",
-        (f"MAPHead_0/{_BV_ATTN}out/kernel",),
-        _one(_out_kernel),
-        head=True,
-    ),
-    Row("vision_model.head.attention.out_proj.bias", (f"MAPHead_0/{_BV_ATTN}out/bias",), None, head=True),
-    Row("vision_model.head.layernorm.weight", ("MAPHead_0/LayerNorm_0/scale",), None, head=True),
-    Row("vision_model.head.layernorm.bias", ("MAPHead_0/LayerNorm_0/bias",), None, head=True),
-    Row("vision_model.head.mlp.fc1.weight", ("MAPHead_0/MlpBlock_0/Dense_0/kernel",), DENSE, head=True),
-    Row("vision_model.head.mlp.fc1.bias", ("MAPHead_0/MlpBlock_0/Dense_0/bias",), None, head=True),
-    Row("vision_model.head.mlp.fc2.weight", ("MAPHead_0/MlpBlock_0/Dense_1/kernel",), DENSE, head=True),
-    Row("vision_model.head.mlp.fc2.bias", ("MAPHead_0/MlpBlock_0/Dense_1/bias",), None, head=True),
-]
-
-# -- timm / open_clip (keys relative to the trunk: "", "trunk." or "visual.trunk.") ---------------
-TIMM_TABLE: list[Row] = [
-    Row("vision_model.embeddings.patch_embedding.weight", ("patch_embed.proj.weight",), None),
-    Row("vision_model.embeddings.patch_embedding.bias", ("patch_embed.proj.bias",), None),
-    Row("vision_model.embeddings.position_embedding.weight", ("pos_embed",), SQUEEZE0),
-    *_layer_rows(
-        "blocks.{}.",
-        [
-            ("layer_norm1.weight", "norm1.weight", None),
-            ("layer_norm1.bias", "norm1.bias", None),
-            ("self_attn.q_proj.weight", "attn.qkv.weight", _chunk(0, 3)),
-            ("self_attn.q_proj.bias", "attn.qkv.bias", _chunk(0, 3)),
-            ("self_attn.k_proj.weight", "attn.qkv.weight", _chunk(1, 3)),
-            ("self_attn.k_proj.bias", "attn.qkv.bias", _chunk(1, 3)),
-            ("self_attn.v_proj.weight", "attn.qkv.weight", _chunk(2, 3)),
-            ("self_attn.v_proj.bias", "attn.qkv.bias", _chunk(2, 3)),
-            ("self_attn.out_proj.weight", "attn.proj.weight", None),
-            ("self_attn.out_proj.bias", "attn.proj.bias", None),
-            ("layer_norm2.weight", "norm2.weight", None),
-            ("layer_norm2.bias", "norm2.bias", None),
-            ("mlp.fc1.weight", "mlp.fc1.weight", None),
-            ("mlp.fc1.bias", "mlp.fc1.bias", None),
-            ("mlp.fc2.weight", "mlp.fc2.weight", None),
-            ("mlp.fc2.bias", "mlp.fc2.bias", None),
-        ],
-    ),
-    Row("vision_model.post_layernorm.weight", ("norm.weight",), None),
-    Row("vision_model.post_layernorm.bias", ("norm.bias",), None),
-    Row("vision_model.head.probe", ("attn_pool.latent",), None, head=True),
-    Row("vision_model.head.attention.in_proj_weight", ("attn_pool.q.weight", "attn_pool.kv.weight"), _cat, head=True),
-    Row("vision_model.head.attention.in_proj_bias", ("attn_pool.q.bias", "attn_pool.kv.bias"), _cat, head=True),
-    Row("vision_model.head.attention.out_proj.weight", ("attn_pool.proj.weight",), None, head=True),
-    Row("vision_model.head.attention.out_proj.bias", ("attn_pool.proj.bias",), None, head=True),
-    Row("vision_model.head.layernorm.weight", ("attn_pool.norm.weight",), None, head=True),
-    Row("vision_model.head.layernorm.bias", ("attn_pool.norm.bias",), None, head=True),
-    Row("vision_model.head.mlp.fc1.weight", ("attn_pool.mlp.fc1.weight",), None, head=True),
-    Row("vision_model.head.mlp.fc1.bias", ("attn_pool.mlp.fc1.bias",), None, head=True),
-    Row("vision_model.head.mlp.fc2.weight", ("attn_pool.mlp.fc2.weight",), None, head=True),
-    Row("vision_model.head.mlp.fc2.bias", ("attn_pool.mlp.fc2.bias",), None, head=True),
-]
-
-
-def _grid_to_table(x: torch.Tensor) -> torch.Tensor:  # (n, n, D) -> (n·n, D), row-major
+def grid_to_table(x: torch.Tensor) -> torch.Tensor:  # (n, n, D) -> (n·n, D), row-major
     return x.reshape(-1, x.shape[-1])
 
 
-# big_vision NaFlex (naflex_vit.py): the encoder and the MAP head are laid out as above; only the stem differs.
-BIG_VISION_NAFLEX_TABLE: list[Row] = [
-    Row("vision_model.embeddings.patch_embedding.weight", ("embedding/kernel",), DENSE),
-    Row("vision_model.embeddings.patch_embedding.bias", ("embedding/bias",), None),
-    Row("vision_model.embeddings.position_embedding.weight", ("pos_embedding",), _one(_grid_to_table)),
-    *(r for r in BIG_VISION_TABLE if not r.target.startswith("vision_model.embeddings.")),
-]
+@dataclass
+class Planned:
+    """One output tensor: its key, shape and source dtype; a raw byte range when it can be copied."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+    raw: TensorInfo | None
+    where: str
+    sources: tuple[str, ...] = ()  # the source keys it is made from (for --verify)
+
+
+def loader(store: Store, key: str) -> Callable[[], torch.Tensor]:
+    return lambda: store.load(key)
+
+
+def apply_table(
+    rows: Sequence[Row], store: Store, root: str, keys: Sequence[str], *, use_head: bool
+) -> tuple[list[Planned], set[str]]:
+    layers = layer_count(keys, root)
+    has_head = any(root + s in set(keys) for r in rows if r.head for s in r.sources)
+    key_set = set(keys)
+    planned: list[Planned] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    for row in rows:
+        if row.head and not has_head:
+            continue
+        for i in range(layers) if row.layered else [None]:
+            target = row.target.format(i) if i is not None else row.target
+            sources = [root + (s.format(i) if i is not None else s) for s in row.sources]
+            absent = [s for s in sources if s not in key_set]
+            if absent:
+                missing += absent
+                continue
+            used.update(sources)
+            if row.head and not use_head:
+                continue
+            planned.append(_planned_row(store, target, sources, row))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} expected tensor(s) missing: {', '.join(sorted(set(missing))[:8])}",
+            str(store.files[0]),
+            "the checkpoint is incomplete or not a SigLIP vision tower",
+        )
+    return planned, used
+
+
+def _planned_row(store: Store, target: str, sources: list[str], row: Row) -> Planned:
+    if row.transform is None:
+        (src,) = sources
+        return Planned(
+            target, store.shape(src), store.dtype(src), loader(store, src), store.raw(src), store.where(src), (src,)
+        )
+    transform = row.transform
+    metas = [torch.empty(store.shape(s), dtype=store.dtype(s), device="meta") for s in sources]
+    try:
+        out = transform(metas)
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # torch's shape errors on meta tensors
+        raise CheckpointError(
+            f"tensor shapes do not fit the layout ({exc})".splitlines()[0],
+            " + ".join(store.where(s) for s in sources),
+            "the checkpoint is not the layout it looks like",
+        ) from None
+    return Planned(
+        target,
+        tuple(out.shape),
+        out.dtype,
+        lambda: transform([store.load(s) for s in sources]),
+        None,
+        " + ".join(store.where(s) for s in sources),
+        tuple(sources),
+    )
+
+
+def layer_count(keys: Sequence[str], root: str) -> int:
+    pattern = re.compile(re.escape(root) + r"(?:blocks\.|Transformer/encoderblock_)(\d+)[./]")
+    idx = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    if not idx:
+        raise CheckpointError("no transformer blocks found", root or "checkpoint", "is this a vision tower?")
+    if idx != set(range(max(idx) + 1)):
+        gaps = sorted(set(range(max(idx) + 1)) - idx)
+        raise CheckpointError(f"transformer blocks {gaps} are missing", root or "checkpoint", "the file is incomplete")
+    return max(idx) + 1
+
+
+def rank_shape(store: Store, key: str, rank: int) -> tuple[int, ...]:
+    shape = store.shape(key)
+    if len(shape) != rank:
+        raise CheckpointError(f"expected a rank-{rank} tensor, got shape {list(shape)}", store.where(key), None)
+    return shape

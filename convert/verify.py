@@ -30,7 +30,7 @@ from siglip_scratch.files import read_json
 from siglip_scratch.modeling import Siglip2VisionModel, SiglipVisionModel
 from siglip_scratch.processor import Siglip2ImageProcessor
 
-from .native import NATIVE_FORWARDS
+from .formats import by_family
 from .sources import Plan
 
 __all__ = ["SOURCE_RTOL", "check_against_source", "verify_output"]
@@ -56,25 +56,16 @@ def check_against_source(folder: Path, plan: Plan, out_dtype: torch.dtype | None
             t = t.to(out_dtype)  # the output was cast; casting commutes with every relayout
         return t.to(torch.float64)
 
-    if plan.family in NATIVE_FORWARDS:
+    if by_family(plan.family).native is not None:
         return _check_native(folder, plan, source)
     return _check_hf(folder, plan, out_dtype)
 
 
 def _check_native(folder: Path, plan: Plan, source) -> tuple[bool, list[str]]:
-    g = torch.Generator().manual_seed(0)
-    if plan.family == "big_vision_naflex":  # one full grid of flattened patches (see native.big_vision_naflex)
-        model = Siglip2VisionModel.from_pretrained(folder, dtype=torch.float64).eval()
-        cfg = model.config
-        pixels = torch.rand(1, cfg.num_patches, cfg.patch_dim, generator=g, dtype=torch.float64) * 2 - 1
-    else:
-        model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float64).eval()
-        cfg = model.config
-        pixels = (
-            torch.rand(1, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float64) * 2 - 1
-        )
+    fmt = by_family(plan.family)
+    model, cfg, pixels = fmt.probe(folder, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        leaves = NATIVE_FORWARDS[plan.family](source, cfg, pixels)
+        leaves = fmt.native(source, cfg, pixels)
         failures = []
         for path, leaf in leaves.items():
             module = model.get_submodule(path)

@@ -304,7 +304,7 @@ class _Shapes:
 def test_inferred_image_size_is_the_stated_or_the_presets_not_grid_times_patch():
     """so400m/14's 27x27 grid is 378 px by grid x patch, but the checkpoint is the 384-px one: the
     preprocessor must resize to 384 like google/siglip-so400m-patch14-384's does."""
-    from siglip_scratch.convert.sources import _infer_config
+    from siglip_scratch.convert.formats.timm import infer_config
 
     cfg = get_preset("google/siglip-so400m-patch14-384")
     one = cfg.replace(num_hidden_layers=1)
@@ -319,19 +319,19 @@ def test_inferred_image_size_is_the_stated_or_the_presets_not_grid_times_patch()
         }
     )
     notes: list[str] = []
-    got = _infer_config(_Shapes(shapes), "", "timm", None, notes)
+    got = infer_config(_Shapes(shapes), "", None, notes)
     assert got == cfg, got
     assert notes == [
         "image_size 384 as google/siglip-so400m-patch14-384 (a 27x27 grid of 14-px patches fits 378–391 px)"
     ]
     notes.clear()
-    assert _infer_config(_Shapes(shapes), "", "timm", 380, notes).image_size == 380 and "timm config" in notes[0]
+    assert infer_config(_Shapes(shapes), "", 380, notes).image_size == 380 and "timm config" in notes[0]
     with pytest.raises(ConfigError, match="does not fit the 27x27 position grid"):
-        _infer_config(_Shapes(shapes), "", "timm", 400, [])
+        infer_config(_Shapes(shapes), "", 400, [])
     # A shape no preset has keeps grid x patch, with nothing to say.
     small = {k: v for k, v in shapes.items() if not k.startswith(tuple(f"blocks.{i}." for i in range(1, 27)))}
     notes.clear()
-    assert _infer_config(_Shapes(small), "", "timm", None, notes).image_size == 378 and notes == []
+    assert infer_config(_Shapes(small), "", None, notes).image_size == 378 and notes == []
 
 
 def test_timm_of_unknown_width_needs_and_takes_config(tmp_path, capsys):

@@ -39,6 +39,7 @@ DOCTESTED = [
     "siglip_scratch.parity.weights",
     "siglip_scratch.parity.candidates.open",
     "siglip_scratch.parity.compare",
+    "siglip_scratch.convert.formats.base",
 ]
 
 

@@ -408,20 +408,21 @@ def test_big_vision_naflex_npz_converts_and_verifies(hf, tmp_path, capsys, scann
 def test_big_vision_naflex_wrong_table_row_fails_verify(hf, tmp_path, capsys, monkeypatch):
     """--verify computes the source natively: a converter row that reads the position grid column-major
     (a plausible port bug) produces a loadable folder, and verify names the position embedding."""
-    from siglip_scratch.convert import sources, tables
+    from siglip_scratch.convert import tables
     from siglip_scratch.convert.cli import main as convert_main
+    from siglip_scratch.convert.formats import big_vision_naflex
 
     from .layouts import to_big_vision
 
     state = synthetic_state_dict(CFG, seed=5)
     np.savez(tmp_path / "naflex.npz", **to_big_vision(state, CFG))
     bad = [
-        tables.Row(r.target, r.sources, tables._one(lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])))
+        tables.Row(r.target, r.sources, tables.one(lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])))
         if r.target.endswith("position_embedding.weight")
         else r
-        for r in tables.BIG_VISION_NAFLEX_TABLE
+        for r in big_vision_naflex.TABLE
     ]
-    monkeypatch.setattr(sources, "BIG_VISION_NAFLEX_TABLE", bad)
+    monkeypatch.setattr(big_vision_naflex, "TABLE", bad)
     assert convert_main([str(tmp_path / "naflex.npz"), str(tmp_path / "out"), "--verify"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "position_embedding" in out, out

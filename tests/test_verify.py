@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from siglip_scratch import get_preset
-from siglip_scratch.convert import sources, tables
+from siglip_scratch.convert import tables
 from siglip_scratch.convert.cli import main as convert_main
+from siglip_scratch.convert.formats import big_vision, timm
+from siglip_scratch.convert.formats import hf as hf_format
 from siglip_scratch.modeling import synthetic_state_dict
 
 from . import layouts
@@ -59,9 +61,9 @@ def test_verify_passes_a_cast_conversion(npz, tmp_path, dtype, capsys, hf):
 
 
 def test_verify_names_q_k_swapped_in_the_big_vision_table(npz, tmp_path, capsys, monkeypatch, hf):
-    bad = _swap_rows(tables.BIG_VISION_TABLE, "self_attn.q_proj.weight", "self_attn.k_proj.weight")
+    bad = _swap_rows(big_vision.TABLE, "self_attn.q_proj.weight", "self_attn.k_proj.weight")
     bad = _swap_rows(bad, "self_attn.q_proj.bias", "self_attn.k_proj.bias")
-    monkeypatch.setattr(sources, "BIG_VISION_TABLE", bad)
+    monkeypatch.setattr(big_vision, "TABLE", bad)
     rc = convert_main([str(npz), str(tmp_path / "out"), "--verify", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1, out
@@ -79,9 +81,9 @@ def test_verify_names_a_conv_kernel_with_h_and_w_swapped(tmp_path, capsys, monke
         dataclasses.replace(r, transform=lambda xs: xs[0].permute(3, 2, 1, 0))  # HWIO -> OIWH: H and W swapped
         if r.target == "vision_model.embeddings.patch_embedding.weight"
         else r
-        for r in tables.BIG_VISION_TABLE
+        for r in big_vision.TABLE
     ]
-    monkeypatch.setattr(sources, "BIG_VISION_TABLE", rows)
+    monkeypatch.setattr(big_vision, "TABLE", rows)
     rc = convert_main([str(tmp_path / "ckpt.npz"), str(tmp_path / "out"), "--verify", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1, out
@@ -95,12 +97,12 @@ def test_verify_names_q_k_swapped_in_the_timm_table(tmp_path, capsys, monkeypatc
     assert convert_main([str(tmp_path / "model.pt"), str(tmp_path / "good"), "--verify", "--quiet"]) == 0
     assert "PASS: every leaf reproduces the source" in capsys.readouterr().out
     rows = [
-        dataclasses.replace(r, transform=tables._chunk(1 - "qk".index(r.target.split(".")[-2][0]), 3))
+        dataclasses.replace(r, transform=tables.chunk(1 - "qk".index(r.target.split(".")[-2][0]), 3))
         if r.target.endswith(("q_proj.weight", "k_proj.weight"))
         else r
-        for r in tables.TIMM_TABLE
+        for r in timm.TABLE
     ]
-    monkeypatch.setattr(sources, "TIMM_TABLE", rows)
+    monkeypatch.setattr(timm, "TABLE", rows)
     rc = convert_main([str(tmp_path / "model.pt"), str(tmp_path / "bad"), "--verify", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1 and f"FAIL: {L0}self_attn.q_proj.{{bias,weight}}" in out and "blocks.0.attn.qkv.weight" in out, out
@@ -115,7 +117,7 @@ def test_verify_names_a_hf_tensor_taken_from_another_layer(tmp_path, capsys, mon
     assert convert_main([str(src), str(tmp_path / "good"), "--verify", "--quiet"]) == 0
     assert "PASS: every tensor equals its source" in capsys.readouterr().out
 
-    real = sources._hf_layout
+    real = hf_format.hf_layout
 
     def shifted(store):  # layer 0's fc1 weight read from layer 1 (data only; the key stays)
         layout, planned, used, drops, notes = real(store)
@@ -124,7 +126,7 @@ def test_verify_names_a_hf_tensor_taken_from_another_layer(tmp_path, capsys, mon
         a.make, a.raw = b.make, b.raw
         return layout, planned, used, drops, notes
 
-    monkeypatch.setattr(sources, "_hf_layout", shifted)
+    monkeypatch.setattr(hf_format, "hf_layout", shifted)
     rc = convert_main([str(src), str(tmp_path / "bad"), "--verify", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1 and f"FAIL: {L0}mlp.fc1.weight differs from the source's {L0}mlp.fc1.weight" in out, out
