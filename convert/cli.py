@@ -114,12 +114,28 @@ def _main(args: argparse.Namespace) -> int:
     out_dtype = DTYPES.get(args.dtype) if args.dtype else None
     try:
         passed, text = verify_output(
-            result.output, dtype=args.dtype or "float32", plan=result.plan, out_dtype=out_dtype
+            result.output,
+            dtype=args.dtype or "float32",
+            plan=result.plan,
+            out_dtype=out_dtype,
+            progress=None if args.quiet else _progress(),
         )
     finally:
         result.plan.close()
     print(text)
     return EXIT_OK if passed else EXIT_FAIL
+
+
+def _progress():
+    """Timestamped lines on stderr, on a terminal and in a pipe alike (--verify runs for a minute on so400m)."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+    return say
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ and transformers' own loader must report no missing or unexpected keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,14 +117,22 @@ def _check_hf(folder: Path, plan: Plan, out_dtype: torch.dtype | None) -> tuple[
 
 
 def verify_output(
-    folder: Path, *, dtype: str = "float32", plan: Plan | None = None, out_dtype: torch.dtype | None = None
+    folder: Path,
+    *,
+    dtype: str = "float32",
+    plan: Plan | None = None,
+    out_dtype: torch.dtype | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[bool, str]:
     """(passed, text). The source check when ``plan`` is given; then, with transformers installed, the
     parity harness on a batch of 2 random images; without it, a strict load into our encoder and a
-    finite forward pass, and a note saying so."""
+    finite forward pass, and a note saying so. ``progress`` gets a line as each step starts, and the harness's
+    per-site-group lines (a person waiting sees where it is)."""
+    say = progress or (lambda line: None)
     lines: list[str] = []
     passed = True
     if plan is not None:
+        say("verify: the output against the source")
         passed, lines = check_against_source(folder, plan, out_dtype)
     if isinstance(
         load_config(read_json(folder / "config.json", what="config.json", error=ConfigError)), Siglip2VisionConfig
@@ -148,7 +157,8 @@ def verify_output(
 
     transformers.utils.logging.disable_progress_bar()
     # The folder is loaded by the harness exactly as a user would load it.
-    report = compare(weights=folder, dtype=dtype, batch=2)
+    say("verify: the parity harness on the output (reference, float64 oracle, our encoder)")
+    report = compare(weights=folder, dtype=dtype, batch=2, progress=progress)
     theirs = transformers.SiglipVisionModel.from_pretrained(folder, output_loading_info=True)[1]
     bad = {k: v for k, v in theirs.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     lines.append(f"verify: parity of the output with transformers: {report.verdict}")

@@ -80,3 +80,22 @@ def _small(config):
     from siglip_scratch.parity import Weights
 
     return Weights(config, synthetic_state_dict(config, seed=0), "small (seed 0)", synthetic=True)
+
+
+def test_convert_verify_says_where_it_is(tmp_path, capsys, hf):
+    """Was: `siglip-convert --verify` silent for two minutes after a five-second conversion. Now a line per step on
+    stderr, in a pipe too, and the harness's per-site-group lines inside the parity step."""
+    from siglip_scratch import SiglipVisionModel
+    from siglip_scratch.config import TINY_CONFIG
+    from siglip_scratch.convert.cli import main as convert_main
+    from siglip_scratch.parity.sites import SiteProgress
+
+    SiglipVisionModel.from_config(TINY_CONFIG, seed=0).save_pretrained(tmp_path / "src")
+    old, SiteProgress.every = SiteProgress.every, 0.0
+    try:
+        assert convert_main([str(tmp_path / "src"), str(tmp_path / "out"), "--verify"]) == 0
+    finally:
+        SiteProgress.every = old
+    err = capsys.readouterr().err
+    assert "verify: the output against the source" in err and "verify: the parity harness" in err, err
+    assert "layer 1/2 done" in err, err
