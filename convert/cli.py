@@ -3,6 +3,9 @@
 Exit codes: 0 success, 1 ``--verify`` found the output differs from the source or fails parity, 2 usage
 or input error (one line on stderr, no traceback unless --debug), 3 internal error. SIGINT and SIGTERM
 leave nothing at OUTPUT_DIR.
+
+    >>> main(["/no/such/checkpoint.npz", "out/"])  # one line on stderr: npz file not found (…): check the path
+    2
 """
 
 from __future__ import annotations

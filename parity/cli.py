@@ -3,6 +3,12 @@
 Exit codes: 0 every site passes, 1 a parity failure (or the golden reference moved), 2 a usage or
 input error (one line on stderr, no traceback unless --debug), 3 an internal error (a bug in
 siglip-scratch: one line, --debug for the traceback).
+
+    >>> main(["--preset", "google/siglip-base-patch16-224", "--batch", "1", "--depth", "coarse", "--quiet"])
+    PASS: ...
+    0
+    >>> main(["--mode", "sideways"])  # a usage error: one line on stderr, before torch is imported
+    2
 """
 
 from __future__ import annotations

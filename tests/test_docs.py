@@ -40,6 +40,8 @@ DOCTESTED = [
     "siglip_scratch.parity.candidates.open",
     "siglip_scratch.parity.compare",
     "siglip_scratch.convert.formats.base",
+    "siglip_scratch.parity.cli",
+    "siglip_scratch.convert.cli",
 ]
 
 

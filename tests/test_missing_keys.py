@@ -22,6 +22,7 @@ from siglip_scratch.convert.sources import plan_conversion
 from siglip_scratch.modeling import synthetic_state_dict
 
 from . import layouts
+from .catalogue import covers
 from .conftest import TINY
 
 NAFLEX = Siglip2VisionConfig(
@@ -81,6 +82,7 @@ def _readers() -> dict[str, tuple[dict, object]]:
 READERS = _readers()
 
 
+@covers("C13")
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_each_required_tensor_deleted_is_a_one_line_input_error(reader, tmp_path):
     full, write = READERS[reader]

@@ -11,6 +11,7 @@ import pytest
 
 from siglip_scratch.parity.cli import main as parity_main
 
+from .catalogue import covers
 from .test_parity import EXAMPLE
 
 BASE = ["--preset", "google/siglip-base-patch16-224"]
@@ -24,6 +25,7 @@ EARLY = [
 ]
 
 
+@covers("P17")
 @pytest.mark.parametrize("argv, needle", EARLY, ids=[a[-1] for a, _ in EARLY])
 def test_mistakes_are_reported_before_any_model_is_built(argv, needle, capsys, monkeypatch):
     """Was: a typo in the candidate's file or factory was reported after the reference and oracle had run (86 s),

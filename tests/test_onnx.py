@@ -223,6 +223,7 @@ def test_legacy_export_with_deduplicated_initializers_passes(tmp_path, hf):
     assert report.passed, report.table()
 
 
+@covers("P18")
 def test_a_static_batch_graph_is_a_one_line_error_with_the_fix(tmp_path, capsys, hf):
     model = SiglipVisionModel.from_state_dict(CFG, _weights().state_dict)
     path = tmp_path / "static.onnx"
