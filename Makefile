@@ -63,7 +63,7 @@ format: install
 parity: install
 	HF_HUB_OFFLINE=1 $(PY) -m siglip_scratch.parity.suite
 
-## parity-quick: a first look in about a minute (base-224, one float32 comparison, its golden fingerprint)
+## parity-quick: a first look in seconds (base-224, one float32 comparison, its golden fingerprint)
 parity-quick: install
 	HF_HUB_OFFLINE=1 $(PY) -m siglip_scratch.parity.suite --quick --out parity-report-quick
 

@@ -22,6 +22,8 @@ holds no Python state): the report says what was not checked.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from .candidates import Candidate
 from .inputs import ModelInputs, NaflexInputs
 from .judge import ORACLE_RULES, UNIT_ROUNDOFF, Rule
 from .oracle import rms
-from .sites import first_tensor
+from .sites import SiteProgress, first_tensor
 
 __all__ = ["BatchCheck", "check_batches"]
 
@@ -58,8 +60,25 @@ def _final(model: Any, x: torch.Tensor) -> torch.Tensor:
     return t.detach().double().clone()
 
 
-def check_batches(cand: Candidate, reference: Any, inputs: ModelInputs, rule: Rule, *, rerunnable: bool) -> BatchCheck:
-    """See the module doc. ``reference`` is transformers' model on the shared weights."""
+def check_batches(
+    cand: Candidate,
+    reference: Any,
+    inputs: ModelInputs,
+    rule: Rule,
+    *,
+    rerunnable: bool,
+    progress: Callable[[str], None] | None = None,
+) -> BatchCheck:
+    """See the module doc. ``reference`` is transformers' model on the shared weights; ``progress`` hears of each
+    of the six forwards (three of the candidate, three of the reference)."""
+    last = [time.perf_counter()]
+
+    def say(line: str) -> None:  # like SiteProgress: a line once a step has taken its `every` seconds
+        now = time.perf_counter()
+        if progress is not None and now - last[0] >= SiteProgress.every:
+            progress(line)
+            last[0] = now
+
     if not rerunnable:
         return BatchCheck(
             False, detail="not re-run (activation files or an ONNX graph): state and batch mixing not checked"
@@ -76,14 +95,21 @@ def check_batches(cand: Candidate, reference: Any, inputs: ModelInputs, rule: Ru
     probe = x.clone()
     try:
         base = _final(cand.forward, probe)
+        say("state and batch check: candidate 1/3 (the judged images again) done")
         probe.copy_(refill)  # the same tensor object the candidate saw, other images in it
         again = _final(cand.forward, probe)
+        say("state and batch check: candidate 2/3 (the same input tensor, other images) done")
         mixed = _final(cand.forward, fresh)
+        say("state and batch check: candidate 3/3 (a fresh batch: image 0, a new image, image 0) done")
     except Exception as exc:  # user code on a batch of another size: say so, never crash or pass silently
         return BatchCheck(
             True, False, "batch", f"the candidate failed on a batch of other images: {exc}".splitlines()[0]
         )
-    ref_base, ref_again, ref_mixed = (_final(reference, t) for t in (x, refill, fresh))
+    refs = []
+    for k, t in enumerate((x, refill, fresh), 1):
+        refs.append(_final(reference, t))
+        say(f"state and batch check: reference {k}/3 done")
+    ref_base, ref_again, ref_mixed = refs
     if base.shape != ref_base.shape:
         return BatchCheck(
             False, detail="final output's shape differs from the reference's: state and batch not checked"

@@ -147,7 +147,7 @@ def compare(
 
     say("candidate: state and batch check (the same images in other batches)")
     reference = build_reference(w.config, w.state_dict, attn_implementation=opts.attn)
-    batches = check_batches(cand, reference, inputs, opts.rule, rerunnable=cand.rerunnable)
+    batches = check_batches(cand, reference, inputs, opts.rule, rerunnable=cand.rerunnable, progress=say)
     if not batches.checked:
         notes.append(batches.detail)
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a first look: one float32 comparison of base-224 (about a minute), then its golden fingerprint",
+        help="a first look: one float32 comparison of base-224 (seconds), then its golden fingerprint",
     )
     p.add_argument("--progress", action="store_true", help="progress lines (the default; kept for scripts)")
     p.add_argument(
@@ -174,6 +175,7 @@ def _main(args: argparse.Namespace) -> int:
     print(_row([name for name, _ in COLUMNS]), flush=True)
     print("-" * 113, flush=True)
     show = not args.quiet
+    say = _Progress(t_start) if show else None
     presets = ["google/siglip-base-patch16-224"] if args.quick else args.presets
     runs_for = (lambda p: RUNS[p][:1]) if args.quick else (lambda p: RUNS.get(p, DEFAULT_RUNS))
     plan = [(p, r) for p in presets for r in runs_for(p)]
@@ -191,70 +193,78 @@ def _main(args: argparse.Namespace) -> int:
         spent = time.perf_counter() - t_runs
         eta = f" (ETA {spent * (total_cost - done_cost) / done_cost:.0f}s)" if done_cost else ""
         k = n_rows + 1
-        print(
-            f"[{time.perf_counter() - t_start:5.0f}s] {k}/{len(plan)} {preset.split('/')[-1]} {run[0]} {run[1]} "
+        assert say is not None
+        say(
+            f"{k}/{len(plan)} {preset.split('/')[-1]} {run[0]} {run[1]} "
             f"{run[2]}/{run[3]}{' images' if run[4] else ''}{eta}",
-            file=sys.stderr,
-            flush=True,
+            indent="",
         )
 
-    with tempfile.TemporaryDirectory(prefix="siglip-parity-") as tmp:
-        images = [str(p) for p in generated_images(Path(tmp))]
-        for preset in presets:
-            runs = runs_for(preset)
-            for dtype in dict.fromkeys(r[0] for r in runs):
-                weights = load_weights(preset, dtype, seed=0)
-                kind = "synthetic" if weights.synthetic else "real"
-                kinds[preset] = f"{kind} ({weights.source})"
-                for run_dtype, attn, mode, depth, use_images in runs:
-                    if run_dtype != dtype:
-                        continue
-                    announce(preset, (run_dtype, attn, mode, depth, use_images))
-                    t0 = time.perf_counter()
-                    report = compare(
-                        weights=weights,
-                        progress=_say(t_start) if show else None,
-                        mode=mode,
-                        depth=depth,
-                        dtype=dtype,
-                        attn=attn,
-                        images=images if use_images else None,
-                        batch=max(args.batch, NAFLEX_BATCH) if preset in NAFLEX_PRESETS else args.batch,
-                        processor=(
-                            processor_for_source(**({"preset": preset} if weights.synthetic else {"model": preset}))
-                            if use_images
-                            else None
-                        ),
-                    )
-                    failed |= not report.passed
-                    reports.append((preset, report))
-                    label = f"{dtype}, {attn}, {mode}/{depth}, " + (
-                        "generated images" if use_images else f"random×{report.inputs['batch']}"
-                    )
-                    ratios = [s.ratio for s in report.all_sites if s.ratio is not None]
-                    worst = max(ratios) if ratios else float("nan")
-                    n_exact = sum(s.exact for s in report.sites)
-                    labels.append(label)
-                    cells = [
-                        preset.split("/")[-1],
-                        kind,
-                        dtype,
-                        attn,
-                        f"{mode}/{depth}",
-                        "images" if use_images else f"random×{report.inputs['batch']}",
-                        f"{n_exact}/{len(report.sites)}",
-                        f"×{worst:.3g}",
-                        f"{time.perf_counter() - t0:.0f}s",
-                        "PASS" if report.passed else f"FAIL at {report.first_divergent_site}",
-                    ]
-                    print(_row(cells), flush=True)
-                    n_rows += 1
-                    done_cost += _cost(preset, depth)
-                    if not report.passed:
-                        print(report.table(), flush=True)
-                del weights
-        golden = [p for p in presets if p in GOLDEN_CASES]
-        golden_ok = run_golden(golden, update=False, results=golden_results) if golden else True
+    try:
+        with tempfile.TemporaryDirectory(prefix="siglip-parity-") as tmp:
+            images = [str(p) for p in generated_images(Path(tmp))]
+            for preset in presets:
+                runs = runs_for(preset)
+                for dtype in dict.fromkeys(r[0] for r in runs):
+                    if say is not None:
+                        say(f"weights for {preset.split('/')[-1]} in {dtype}")
+                    weights = load_weights(preset, dtype, seed=0)
+                    kind = "synthetic" if weights.synthetic else "real"
+                    kinds[preset] = f"{kind} ({weights.source})"
+                    for run_dtype, attn, mode, depth, use_images in runs:
+                        if run_dtype != dtype:
+                            continue
+                        announce(preset, (run_dtype, attn, mode, depth, use_images))
+                        t0 = time.perf_counter()
+                        report = compare(
+                            weights=weights,
+                            progress=say,
+                            mode=mode,
+                            depth=depth,
+                            dtype=dtype,
+                            attn=attn,
+                            images=images if use_images else None,
+                            batch=max(args.batch, NAFLEX_BATCH) if preset in NAFLEX_PRESETS else args.batch,
+                            processor=(
+                                processor_for_source(**({"preset": preset} if weights.synthetic else {"model": preset}))
+                                if use_images
+                                else None
+                            ),
+                        )
+                        failed |= not report.passed
+                        reports.append((preset, report))
+                        label = f"{dtype}, {attn}, {mode}/{depth}, " + (
+                            "generated images" if use_images else f"random×{report.inputs['batch']}"
+                        )
+                        ratios = [s.ratio for s in report.all_sites if s.ratio is not None]
+                        worst = max(ratios) if ratios else float("nan")
+                        n_exact = sum(s.exact for s in report.sites)
+                        labels.append(label)
+                        cells = [
+                            preset.split("/")[-1],
+                            kind,
+                            dtype,
+                            attn,
+                            f"{mode}/{depth}",
+                            "images" if use_images else f"random×{report.inputs['batch']}",
+                            f"{n_exact}/{len(report.sites)}",
+                            f"×{worst:.3g}",
+                            f"{time.perf_counter() - t0:.0f}s",
+                            "PASS" if report.passed else f"FAIL at {report.first_divergent_site}",
+                        ]
+                        print(_row(cells), flush=True)
+                        n_rows += 1
+                        done_cost += _cost(preset, depth)
+                        if not report.passed:
+                            print(report.table(), flush=True)
+                    del weights
+            golden = [p for p in presets if p in GOLDEN_CASES]
+            if golden and say is not None:
+                say(f"golden fingerprints of {', '.join(golden)}")
+            golden_ok = run_golden(golden, update=False, results=golden_results) if golden else True
+    finally:
+        if say is not None:
+            say.close()
     ok = not failed and golden_ok
     total = time.perf_counter() - t_start
     _write_reports(out_dir, reports, labels, golden_results, ok)
@@ -280,11 +290,33 @@ def _modes(mode: str) -> tuple[str, ...]:
     return ("isolated", "propagated") if mode == "both" else (mode,)
 
 
-def _say(t_start: float):
-    def say(line: str) -> None:
-        print(f"[{time.perf_counter() - t_start:5.0f}s]   {line}", file=sys.stderr, flush=True)
+class _Progress:
+    """Timestamped lines on stderr, and a heartbeat: when nothing was said for `QUIET` seconds (a so400m weight
+    draw, a golden fingerprint), a line says what it is still doing, so a CI log is never silent for 10 s."""
 
-    return say
+    QUIET = 8.0
+
+    def __init__(self, t_start: float):
+        self.t_start, self.last, self.doing = t_start, time.perf_counter(), "starting"
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+
+    def __call__(self, line: str, indent: str = "  ") -> None:
+        with self.lock:
+            print(f"[{time.perf_counter() - self.t_start:5.0f}s] {indent}{line}", file=sys.stderr, flush=True)
+            self.last, self.doing = time.perf_counter(), line
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(1.0):
+            with self.lock:
+                now = time.perf_counter()
+                if now - self.last >= self.QUIET:
+                    print(f"[{now - self.t_start:5.0f}s]   … still at: {self.doing}", file=sys.stderr, flush=True)
+                    self.last = now
 
 
 def _write_reports(
