@@ -6,8 +6,9 @@ when a reference is built, so importing this package never needs it.
 
 import sys
 import types
-from importlib import import_module
 from typing import Any
+
+from siglip_scratch.lazy import lazy_attributes
 
 # Loaded on first use (PEP 562): `siglip-parity` parses its arguments before torch is imported.
 _LAZY = {
@@ -40,12 +41,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -33,6 +33,7 @@ def test_readme_stays_small():
 
 
 DOCTESTED = [
+    "siglip_scratch.lazy",
     "siglip_scratch.parity.judge",
     "siglip_scratch.parity.render",
     "siglip_scratch.parity.options",

@@ -4,9 +4,6 @@ The core (this package) needs only torch, safetensors, huggingface_hub, pillow a
 `siglip_scratch.parity` additionally needs transformers for its reference.
 """
 
-from importlib import import_module
-from typing import Any
-
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -15,6 +12,7 @@ from .errors import (
     SiglipScratchError,
     SourceError,
 )
+from .lazy import lazy_attributes
 
 # The heavy names (torch, numpy, PIL behind them) load on first use, so a CLI parses its arguments and reports a
 # usage error before torch is imported (PEP 562).
@@ -33,12 +31,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:
