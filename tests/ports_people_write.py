@@ -10,7 +10,8 @@ One configurable port, lucidrains-like names (``to_patch_embedding``, ``pos_embe
   table), both filled by ``load_hf_state_dict``;
 - ``fused_qkv``: one ``qkv`` Linear (filled by the loader), the rest by name;
 - ``einsum``: attention as einsums;
-- ``float64``: the whole model computed in float64, the result cast back to the input's dtype.
+- ``float64``: the whole model computed in float64, the result cast back to the input's dtype;
+- ``mha``: ``nn.MultiheadAttention`` in every layer (q;k;v packed in ``in_proj``, filled by the loader).
 
 ``convert_state`` maps the canonical tensors to the port's own names *independently of the harness* (the tests
 load it that way to compute the truth); the harness must find everything itself. ``bug`` plants one: ``eps`` (a
@@ -26,7 +27,7 @@ from torch import nn
 
 from .handwritten_port import Pool
 
-STYLES = ("plain", "inplace", "inline_attn", "linear_patch", "fused_qkv", "einsum", "float64")
+STYLES = ("plain", "inplace", "inline_attn", "linear_patch", "fused_qkv", "einsum", "float64", "mha")
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, einsum: bool) -> torch.Tensor:
@@ -73,6 +74,8 @@ class Block(nn.Module):
         if style == "inline_attn":
             self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
             self.scale = (dim // heads) ** -0.5
+        elif style == "mha":
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         else:
             self.attn = Attention(dim, heads, fused=style == "fused_qkv", einsum=style == "einsum")
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -82,6 +85,10 @@ class Block(nn.Module):
         if self.style == "inline_attn":
             h = self.norm1(x)
             x = x + self.to_out(_attend(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, self.scale, False))
+            return x + self.ff(self.norm2(x))
+        if self.style == "mha":
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
             return x + self.ff(self.norm2(x))
         if self.style == "inplace":
             x += self.attn(self.norm1(x))
@@ -130,9 +137,13 @@ class PeoplePort(nn.Module):
                 self.to_patch_embedding.weight.copy_(w.reshape(w.shape[0], -1))
                 self.to_patch_embedding.bias.copy_(sd[v + "embeddings.patch_embedding.bias"])
                 self.pos_embedding.copy_(sd[v + "embeddings.position_embedding.weight"][None])
-            if self.style == "fused_qkv":
+            if self.style in ("fused_qkv", "mha"):
                 for i, layer in enumerate(self.layers):
                     a = f"{v}encoder.layers.{i}.self_attn."
+                    if self.style == "mha":  # nn.MultiheadAttention packs q;k;v into in_proj
+                        layer.attn.in_proj_weight.copy_(torch.cat([sd[f"{a}{p}_proj.weight"] for p in "qkv"]))
+                        layer.attn.in_proj_bias.copy_(torch.cat([sd[f"{a}{p}_proj.bias"] for p in "qkv"]))
+                        continue
                     layer.attn.qkv.weight.copy_(torch.cat([sd[f"{a}{p}_proj.weight"] for p in "qkv"]))
                     layer.attn.qkv.bias.copy_(torch.cat([sd[f"{a}{p}_proj.bias"] for p in "qkv"]))
 
@@ -174,6 +185,10 @@ def convert_state(state: dict[str, torch.Tensor], style: str, layers: int) -> di
             out[f"{t}norm2.{part}"] = state[f"{s}layer_norm2.{part}"]
             out[f"{t}ff.w1.{part}"] = state[f"{s}mlp.fc1.{part}"]
             out[f"{t}ff.w2.{part}"] = state[f"{s}mlp.fc2.{part}"]
+            if style == "mha":
+                out[f"{attn}in_proj_{part}"] = torch.cat([state[f"{s}self_attn.{p}_proj.{part}"] for p in "qkv"])
+                out[f"{attn}out_proj.{part}"] = state[f"{s}self_attn.out_proj.{part}"]
+                continue
             if style == "fused_qkv":
                 out[f"{attn}qkv.{part}"] = torch.cat([state[f"{s}self_attn.{p}_proj.{part}"] for p in "qkv"])
             else:

@@ -95,6 +95,7 @@ def _independent_verdict(style: str, bug: str | None, layer: int, weights: Weigh
         pytest.param("float64", id="was_wrong_whole_model_in_float64"),
         pytest.param("fused_qkv", id="was_wrong_fused_qkv_loader_and_own_names"),
         pytest.param("einsum", id="was_wrong_einsum_attention_beside_a_loader"),
+        pytest.param("mha", id="nn_multihead_attention_in_every_layer"),
     ],
 )
 def test_honest_port_passes_in_the_default_invocation(style, weights, truth, hf):
@@ -109,7 +110,7 @@ def test_honest_port_passes_in_the_default_invocation(style, weights, truth, hf)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("style", ["inplace", "inline_attn", "linear_patch", "fused_qkv"])
+@pytest.mark.parametrize("style", ["inplace", "inline_attn", "linear_patch", "fused_qkv", "mha"])
 def test_honest_port_passes_in_low_precision(style, dtype, all_weights):
     w = all_weights[dtype]
     honest, ratio = _independent_verdict(style, None, 0, w, _truth(w))
