@@ -8,9 +8,9 @@
    port can load them).
 2. The port writes its outputs per site into one ``.safetensors`` or ``.npz`` file: ``propagated/<site>``
    (its end-to-end run on ``pixel_values``, each site's output as it goes) and ``isolated/<site>`` (the
-   site run alone on ``input.<site>``); an unprefixed ``<site>`` serves whichever single mode is judged.
-   Optional metadata (safetensors metadata, or an npz entry ``__meta__`` holding a JSON string):
-   ``framework``, ``runtime``.
+   site run alone on ``input.<site>``); an unprefixed ``<site>`` is a propagated output unless the file's
+   metadata says ``"mode": "isolated"``. Optional metadata (safetensors metadata, or an npz entry ``__meta__``
+   holding a JSON string): ``framework``, ``runtime``, ``mode``.
 3. ``siglip-parity --candidate-activations FILE`` judges them exactly as a PyTorch candidate is judged:
    the same reference (rebuilt from the manifest and checked against its fingerprint), the same inputs
    (read back from the export), the float64 oracle, the pass rule, the diagnosis, the reports. The

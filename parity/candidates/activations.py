@@ -2,8 +2,10 @@
 
 The file (``.safetensors`` or ``.npz``) names each output ``propagated/<site>`` (the port's end-to-end run on
 ``pixel_values``) or ``isolated/<site>`` (the site run alone on ``input.<site>``); an unprefixed ``<site>``
-serves whichever single mode is judged. Optional metadata (safetensors metadata, or an npz entry
-``__meta__`` holding a JSON string): ``framework``, ``runtime``. `ActivationCandidate` replays them through a
+is a propagated output (what an end-to-end dump holds) unless the metadata says ``"mode": "isolated"``. The file
+is judged at the sites and modes it carries (`ActivationCandidate.narrow`, `ActivationCandidate.not_exposed`).
+Optional metadata (safetensors metadata, or an npz entry ``__meta__`` holding a JSON string): ``framework``,
+``runtime``, ``mode``. `ActivationCandidate` replays them through a
 `replay.ReplayTree`, so they are judged exactly as a PyTorch module is.
 
 Layouts are declared, never guessed: ``--rename`` maps the file's names to canonical ones, and
