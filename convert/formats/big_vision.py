@@ -206,9 +206,13 @@ def big_vision_encoder(get: Get, config: Any, x: torch.Tensor, leaves: dict[str,
     return leaves
 
 
-def is_naflex(store: Store, root: str) -> bool:
-    """A Dense stem over flattened patches (a rank-2 kernel) is SigLIP 2 NaFlex's (naflex_vit.py)."""
-    return len(store.shape(root + "embedding/kernel")) == 2
+def npz_stem(store: Store, keys: Sequence[str]) -> str | None:
+    """Which big_vision tower a store holds, by its stem: "dense" (a Dense over flattened patches, a rank-2 kernel:
+    SigLIP 2 NaFlex, naflex_vit.py), "conv" (vit.py's HWIO convolution), or None for a store that is no .npz."""
+    if not isinstance(store, NpzStore):
+        return None
+    _, root, _, _ = npz_layout(keys, str(store.files[0]))
+    return "dense" if len(store.shape(root + "embedding/kernel")) == 2 else "conv"
 
 
 class BigVisionFormat(Format):
@@ -216,10 +220,7 @@ class BigVisionFormat(Format):
     native = staticmethod(native_forward)
 
     def detects(self, store: Store, keys: Sequence[str]) -> bool:
-        if not isinstance(store, NpzStore):
-            return False
-        _, root, _, _ = npz_layout(keys, str(store.files[0]))
-        return not is_naflex(store, root)
+        return npz_stem(store, keys) == "conv"
 
     def layout(self, store, keys, *, folder: Path, where, use_head, hidden_act, infer) -> Layout:
         name, root, drops, notes = npz_layout(keys, where)

@@ -15,11 +15,11 @@ from siglip_scratch.errors import CheckpointError, ConfigError
 from siglip_scratch.modeling import Siglip2VisionModel
 
 from ..native import Get, Leaf
-from ..stores import NpzStore, Store
+from ..stores import Store
 from ..tables import DENSE, Row, apply_table, grid_to_table, layer_count, one, rank_shape
 from .base import Format, Layout
 from .big_vision import TABLE as BIG_VISION_TABLE
-from .big_vision import big_vision_encoder, is_naflex, npz_layout
+from .big_vision import big_vision_encoder, npz_layout, npz_stem
 
 __all__ = ["BIG_VISION_NAFLEX", "TABLE", "native_forward"]
 
@@ -82,10 +82,7 @@ class BigVisionNaflexFormat(Format):
     native = staticmethod(native_forward)
 
     def detects(self, store: Store, keys: Sequence[str]) -> bool:
-        if not isinstance(store, NpzStore):
-            return False
-        _, root, _, _ = npz_layout(keys, str(store.files[0]))
-        return is_naflex(store, root)
+        return npz_stem(store, keys) == "dense"
 
     def layout(self, store, keys, *, folder: Path, where, use_head, hidden_act, infer) -> Layout:
         name, root, drops, notes = npz_layout(keys, where)
