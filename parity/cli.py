@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "difference; alone it is judged alone, with --candidate both are (default: not checked)",
     )
     cand.add_argument(
+        "--processor-backend",
+        choices=("pil", "torchvision"),
+        help="the transformers image-processor backend the --candidate-processor ports, judged exactly (within one "
+        "uint8 level); the two differ by up to 20 levels on some images (default: the one transformers' "
+        "AutoImageProcessor gives on this machine)",
+    )
+    cand.add_argument(
         "--skip-site",
         metavar="REGEX",
         action="append",
@@ -330,6 +337,12 @@ def _check_combinations(args: argparse.Namespace) -> None:
                 flag,
                 "add --candidate-activations FILE",
             )
+    if args.processor_backend and not args.candidate_processor:
+        raise InputError(
+            "--processor-backend applies to --candidate-processor, which was not given",
+            "--processor-backend",
+            "add --candidate-processor MODULE:FN",
+        )
     from .candidates import TRANSFORMS
 
     for spec in args.layout:
@@ -454,7 +467,7 @@ def _check_processor(args: argparse.Namespace):
             "--candidate-processor",
             "compare it with siglip_scratch.Siglip2ImageProcessor, which equals transformers' (tests/test_naflex.py)",
         )
-    return compare_processor(fn, processor, name=args.candidate_processor)
+    return compare_processor(fn, processor, name=args.candidate_processor, backend=args.processor_backend)
 
 
 def _progress_printer(args: argparse.Namespace):

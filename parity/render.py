@@ -282,8 +282,8 @@ def processor_markdown_row(
 def processor_table(pre: Any) -> str:
     """The processor check (`preprocess.ProcessorReport`) as a terminal table."""
     lines = [
-        f"preprocessing: candidate {pre.candidate} vs {pre.reference}",
-        f"  {'probe image':<26}{'shape':>16}{'RMS lvl':>10}{'max lvl':>10}{'spread rms/max':>17}  result",
+        f"preprocessing: candidate {pre.candidate} vs {pre.reference} ({pre.backend}, chosen by {pre.backend_chosen_by})",
+        f"  {'probe image':<26}{'shape':>16}{'RMS lvl':>10}{'max lvl':>10}{'pil~tv rms/max':>17}  result",
     ]
     for p in pre.probes:
         shape = "x".join(map(str, p.shape))
@@ -304,7 +304,10 @@ def processor_markdown(pre: Any) -> str:
         "",
         f"{pre.verdict}",
         "",
-        "| probe image | shape | RMS (levels) | max (levels) | transformers' spread rms/max | result |",
+        f"Judged against the {pre.backend} backend exactly (chosen by {pre.backend_chosen_by}); the last "
+        "column but one is transformers' two backends against each other, for scale.",
+        "",
+        "| probe image | shape | RMS (levels) | max (levels) | pil vs torchvision rms/max | result |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for p in pre.probes:

@@ -1,6 +1,6 @@
 """Image processors as users write them when porting SigLIP: each is a function from a PIL image to
-pixel values, the shape `siglip-parity --candidate-processor` takes. Only `faithful` is right; each
-other one carries one of the public preprocessing bugs (none is built from our own renderer)."""
+pixel values, the shape `siglip-parity --candidate-processor` takes. `faithful` ports the PIL backend and
+`torchvision_arithmetic` the torchvision one, both honestly; each other one carries one of the public preprocessing bugs (none is built from our own renderer)."""
 
 from __future__ import annotations
 
@@ -71,3 +71,14 @@ def brighter(image: Image.Image) -> torch.Tensor:
 
 def raises(image: Image.Image) -> torch.Tensor:
     raise RuntimeError("no such mode")
+
+
+def torchvision_arithmetic(image: Image.Image) -> torch.Tensor:
+    """transformers' torchvision processor's arithmetic (an honest port of that backend, not of PIL's)."""
+    import transformers
+
+    from siglip_scratch.processor import SiglipImageProcessor
+
+    white = int(transformers.__version__.split(".")[0]) >= 5
+    fast = SiglipImageProcessor(size=(SIZE, SIZE), backend="fast", transparency="white" if white else "drop")
+    return torch.from_numpy(fast.preprocess_one(image))

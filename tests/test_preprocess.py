@@ -41,14 +41,65 @@ def test_transformers_own_processor_passes_and_gets_no_cause(hf):
     assert all(p.rms_levels == 0.0 for p in report.probes), _show(report)
 
 
-def test_transformers_torchvision_arithmetic_passes(hf):
-    """backend="fast" is transformers' torchvision processor bit for bit (make compat checks that against the
-    real one, which is also judged there); it differs from the PIL one by up to 20 levels on one probe and passes."""
+def _torchvision_arithmetic(hf):
     transparency = "white" if int(hf.__version__.split(".")[0]) >= 5 else "drop"  # as each version converts
     fast = replace(BICUBIC_224, backend="fast", transparency=transparency)
-    report = compare_processor(lambda im: torch.from_numpy(fast.preprocess_one(im)), BICUBIC_224, name="fast")
-    assert report.passed and report.cause is None, _show(report)
-    assert max(p.max_levels for p in report.probes) >= 1, "the two backends should differ somewhere"
+    return lambda im: torch.from_numpy(fast.preprocess_one(im))
+
+
+def test_transformers_torchvision_arithmetic_passes_against_its_backend(hf):
+    """backend="fast" is transformers' torchvision processor bit for bit (make compat checks that against the
+    real one, which is also judged there)."""
+    report = compare_processor(_torchvision_arithmetic(hf), BICUBIC_224, name="fast", backend="torchvision")
+    assert report.passed and report.cause is None and report.backend == "torchvision", _show(report)
+    assert all(p.rms_levels == 0.0 for p in report.probes), _show(report)
+    assert max(p.spread_max_levels for p in report.probes) >= 10, "the two backends should differ by many levels"
+
+
+def test_was_wrong_a_pil_port_with_torchvision_arithmetic_passed_within_the_backends_spread(hf):
+    """The hf-processors-rs case: a "pil" port up to 20 levels off Pillow on the tall probe passed, because
+    transformers' torchvision processor is as far off there. Against the PIL backend it now fails (2 levels
+    on the small probe, 20 on the tall one), and the cause names the backend it does match."""
+    report = compare_processor(_torchvision_arithmetic(hf), BICUBIC_224, name="fast", backend="pil")
+    assert not report.passed, _show(report)
+    tall = next(p for p in report.probes if p.image.startswith("tall"))
+    assert not tall.passed and tall.max_levels >= 10, _show(report)
+    assert report.cause.startswith("the torchvision backend's arithmetic"), _show(report)
+    assert "--processor-backend torchvision" in report.verdict
+
+
+def test_a_pil_port_fails_against_the_torchvision_backend_and_is_named(hf):
+    report = compare_processor(ports.faithful, BICUBIC_224, name="faithful", backend="torchvision")
+    assert not report.passed and report.cause.startswith("the pil backend's arithmetic"), _show(report)
+
+
+def test_the_default_backend_is_the_one_auto_image_processor_gives_here(hf, tmp_path):
+    """No torchvision beside torch 2.13 here: AutoImageProcessor gives the PIL processor (make compat checks
+    the torchvision default where it imports)."""
+    from siglip_scratch.parity.preprocess import auto_backend
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(BICUBIC_224.to_dict()))
+    auto = hf.AutoImageProcessor.from_pretrained(tmp_path)
+    want = getattr(auto, "backend", None) or ("torchvision" if type(auto).__name__.endswith("Fast") else "pil")
+    assert auto_backend(BICUBIC_224) == want
+    report = compare_processor(ports.faithful, BICUBIC_224, name="faithful")
+    assert report.backend == want and report.backend_chosen_by == "AutoImageProcessor"
+    assert report.passed == (want == "pil"), _show(report)
+
+
+@covers("P19")
+def test_cli_processor_backend(capsys, hf):
+    fast = f"{PORTS}:torchvision_arithmetic"
+    assert parity_main(["--candidate-processor", fast, "--processor-backend", "torchvision", "--quiet"]) == 0
+    assert "the torchvision backend" in capsys.readouterr().out
+    assert parity_main(["--candidate-processor", fast, "--processor-backend", "pil", "--quiet"]) == 1
+    assert "pass --processor-backend torchvision" in capsys.readouterr().out
+    assert parity_main(["--processor-backend", "pil"]) == 2
+    err = capsys.readouterr().err
+    assert "--processor-backend applies to --candidate-processor" in err and len(err.strip().splitlines()) == 1, err
+    assert parity_main(["--candidate-processor", fast, "--processor-backend", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fast'" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_faithful_port_passes(hf):
