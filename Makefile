@@ -13,9 +13,14 @@ PY457 := $(VENV457)/bin/python
 VENVC ?= .venv-compat
 PYC := $(VENVC)/bin/python
 COMPAT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The other runtimes' venv for `make runtimes`: keras-hub (JAX and torch backends) and mlx-vlm (MLX's CPU build),
+# pinned to the versions measured in docs/PARITY.md; the adapters in examples/ run in it as separate processes.
+VENVR ?= .venv-runtimes
+PYR := $(VENVR)/bin/python
+RUNTIMES_SPEC ?= "jax[cpu]==0.10.2" keras-hub==0.32.0 keras==3.15.1 "mlx[cpu]==0.32.4" mlx-vlm==0.7.10 safetensors
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install install-457 install-compat test test-457 test-slow lint format parity parity-quick bench bench-quick compat fuzz clean
+.PHONY: install install-457 install-compat install-runtimes runtimes test test-457 test-slow lint format parity parity-quick bench bench-quick compat fuzz clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -87,9 +92,20 @@ $(VENVC)/.installed: pyproject.toml
 	$(PYC) -m pip install $(PIP_FLAGS) timm open_clip_torch -e ".[dev]"
 	touch $@
 
+## runtimes: keras-hub (JAX, torch) and mlx-vlm towers judged through examples/ adapters, in their own venv
+runtimes: install install-runtimes
+	SIGLIP_RUNTIMES_PYTHON=$(PYR) SIGLIP_REQUIRE_RUNTIMES=1 SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q -m runtimes tests/test_runtimes.py
+
+install-runtimes: $(VENVR)/.installed
+$(VENVR)/.installed: Makefile
+	$(PYTHON) -m venv $(VENVR)
+	$(PYR) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
+	$(PYR) -m pip install $(PIP_FLAGS) $(RUNTIMES_SPEC)
+	touch $@
+
 ## fuzz: a longer property-based fuzzing campaign over every reader (hypothesis "fuzz" profile)
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 clean:
-	rm -rf $(VENV) $(VENV457) $(VENVC) .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf $(VENV) $(VENV457) $(VENVC) $(VENVR) .pytest_cache .ruff_cache build src/*.egg-info

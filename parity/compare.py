@@ -25,6 +25,7 @@ from siglip_scratch.config import Siglip2VisionConfig
 from siglip_scratch.errors import InputError
 from siglip_scratch.processor import SiglipImageProcessor
 
+from .baseline import apply_runtime_baseline, with_baseline
 from .batches import check_batches
 from .candidates import Candidate, LoadResult, RenameLike, as_rename_rules, open_candidate
 from .infer import infer_site_rules
@@ -138,12 +139,16 @@ def compare(
     elif cand.compiled is not None:
         notes.append("the compiled forward was not run: judging it end to end needs a propagated run (--mode both)")
 
+    # A runtime's uniform arithmetic against a bug: the candidate's own baseline per kind of site (baseline.py).
+    iso, prop = (runs[0], runs[1] if len(runs) > 1 else None) if truth.isolated is not None else (None, None)
+    baselines, base_notes = apply_runtime_baseline(iso, prop, opts.rule) if iso is not None else ([], [])
     # Why: known-bug variants at the first site that fails in isolated mode (its input is known).
     diagnosis = None
     first_fail = next((r for r in runs[0] if r.status == "fail"), None) if truth.isolated is not None else None
     if first_fail is not None and (first_fail.name in truth.ref_in or first_fail.name == "vision_model.embeddings"):
         say(f"diagnosis: known-bug variants at {first_fail.name}")
-        diagnosis = diagnose_failure(cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail)
+        first_fail, noise = with_baseline(first_fail, baselines, opts.rule)
+        diagnosis = diagnose_failure(cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail, noise)
 
     say("candidate: state and batch check (the same images in other batches)")
     reference = build_reference(w.config, w.state_dict, attn_implementation=opts.attn)
@@ -156,12 +161,13 @@ def compare(
     mutated = sorted(k for k in fingerprint if after.get(k) != fingerprint[k])
     if mutated:
         w.tainted = mutated
-    notes = [*([diagnosis.line()] if diagnosis is not None else []), *narrowed, *notes, *truth.range_notes]
+    notes = [*([diagnosis.line()] if diagnosis is not None else []), *narrowed, *base_notes, *notes, *truth.range_notes]
     notes += small_range_note(truth.ranges)
     if load.allowed_unloaded:
         notes.append(f"left unloaded on purpose (--allow-unloaded): {', '.join(load.allowed_unloaded)}")
     report = _report(opts, w, inputs, processor, cand, load, truth, runs, diagnosis, batches, mutated, notes)
     report.compiled_sites = compiled
+    report.runtime_baseline = [b.to_dict() for b in baselines if b.accepted] or None
     return report
 
 

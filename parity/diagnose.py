@@ -291,6 +291,11 @@ class Diagnosis:
         }
 
 
+def _beyond(err: float, noise: float) -> float:
+    """``err`` with ``noise`` taken out in quadrature (independent errors add in quadrature)."""
+    return math.sqrt(max(err * err - noise * noise, 0.0))
+
+
 def diagnose(
     site: str,
     module: nn.Module,
@@ -300,8 +305,14 @@ def diagnose(
     config: SiglipVisionConfig,
     limit: float | None,
     context: Context | None = None,
+    noise: float = 0.0,
 ) -> Diagnosis:
     """Rank the variants of ``site`` by how well they reproduce ``candidate_out`` from ``x``.
+
+    A variant is the likely cause when it reproduces the candidate within ``limit`` and is at least twice as
+    close to it as the reference is. ``noise``: the error the candidate's own runtime leaves at this site
+    (`baseline.with_baseline`; relative to the reference's RMS), taken out of both distances in quadrature,
+    so that a runtime's uniform arithmetic does not hide which bug a site has.
 
     ``reference_out`` is the reference's output as measured (NaFlex: real rows only); ``candidate_out`` and
     the variants' outputs are reduced the same way through ``context.select``."""
@@ -324,7 +335,7 @@ def diagnose(
         if tuple(out.shape) != tuple(cand.shape):
             continue
         err = (cand - out.double()).pow(2).mean().sqrt().item() / scale
-        ranked.append((desc, err, err / base if base > 0 else math.inf))
+        ranked.append((desc, err, _beyond(err, noise) / _beyond(base, noise) if _beyond(base, noise) > 0 else math.inf))
     ranked.sort(key=lambda r: r[1])
     bound = limit if limit is not None else 0.0
     likely = ranked[0][0] if ranked and ranked[0][1] <= max(bound, 0.0) and ranked[0][2] < 0.5 else None

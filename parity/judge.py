@@ -267,10 +267,19 @@ SYSTEMATIC_BIAS = 0.5  # |mean signed Δ| over its spread
 CONCENTRATION = 10.0  # a channel (token) carrying this many times its even share of |Δ|
 
 
+def _share(per: torch.Tensor, i: int) -> float:
+    """Index ``i``'s share of ``per``'s total, or its even share if larger: rounding error is relative, so a
+    channel (token) holding a large share of the reference's magnitude — a massive-activation channel of a trained
+    tower — carries as large a share of honest rounding noise."""
+    total = per.sum().item()
+    return max(per[i].item() / total if total > 0 else 0.0, 1.0 / per.numel())
+
+
 def _pattern(d: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     """Systematic or noise-like. How much of Δ's energy a simple structure explains: one offset per
     channel (the last axis), one per token (the axis before it), or a multiple of the reference (a
-    scale); the mean signed Δ against its spread; and how concentrated |Δ| is in one channel or token.
+    scale); the mean signed Δ against its spread; and how concentrated |Δ| is in one channel or token, beyond
+    that channel's (token's) share of the reference's magnitude.
     A wrong constant (a missing bias, an eps, a scale) is explained by one of them; a different
     summation order by none."""
     energy = d.pow(2).sum().item()
@@ -287,7 +296,7 @@ def _pattern(d: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
         out["worst_channel"], out["channel_share"] = c, per_channel[c].item() / (per_channel.sum().item() or 1.0)
         if out["channel_offset_share"] > 0.5:
             reasons.append(f"a per-channel offset explains {100 * out['channel_offset_share']:.0f} % of Δ")
-        if out["channel_share"] > CONCENTRATION / d.shape[-1]:
+        if out["channel_share"] > CONCENTRATION * _share(ref.reshape(-1, d.shape[-1]).abs().sum(0), c):
             reasons.append(f"channel {c} carries {100 * out['channel_share']:.0f} % of |Δ|")
     if energy > 0 and d.dim() >= 3:
         tokens = d.reshape(-1, d.shape[-2], d.shape[-1])
@@ -297,7 +306,7 @@ def _pattern(d: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
         out["worst_token"], out["token_share"] = t, per_token[t].item() / (per_token.sum().item() or 1.0)
         if out["token_offset_share"] > 0.5:
             reasons.append(f"a per-token offset explains {100 * out['token_offset_share']:.0f} % of Δ")
-        if out["token_share"] > CONCENTRATION / d.shape[-2]:
+        if out["token_share"] > CONCENTRATION * _share(ref.reshape(-1, d.shape[-2], d.shape[-1]).abs().sum((0, 2)), t):
             reasons.append(f"token {t} carries {100 * out['token_share']:.0f} % of |Δ|")
     r2 = ref.pow(2).sum().item()
     if energy > 0 and r2 > 0:

@@ -18,6 +18,7 @@ JSON schema (stable; fields are only ever added)::
      "fp16_overflow_site": str | null,
      "diagnosis": {"site", "likely_cause": str | null, "limit", "variants": [{"variant", "err", "relative"}]} | null,
      "batches": {"checked": bool, "passed": bool, "cause": "state" | "batch mixing" | "batch" | null, "detail"} | null,
+     "runtime_baseline": [{"kind", "sites", "rms", "max", "accepted": [site]}] | null   (parity/baseline.py),
      "amplification": [{"site", "local", "local_ratio", "accumulated", "accumulated_ratio", "local_passed",
                         "accumulated_passed"}],
      "sites": [{"name", "max_abs", "mean_abs", "rel_l2", "cosine", "ref_max_abs", "passed", "exact", "status",
@@ -79,6 +80,9 @@ class Report:
     diagnosis: dict[str, Any] | None = None
     # The state and batch check (parity/batches.py): {"checked", "passed", "cause", "detail"}.
     batches: dict[str, Any] | None = None
+    # Kinds of site where the candidate's runtime is uniformly less accurate and that was accepted
+    # (parity/baseline.py): [{"kind", "sites", "rms", "max", "accepted": [site, ...]}].
+    runtime_baseline: list[dict[str, Any]] | None = None
 
     @property
     def fp16_overflow_site(self) -> str | None:
@@ -129,15 +133,18 @@ class Report:
         return max(limits) if limits else None
 
     def _run_label(self) -> str:
-        skipped, hidden = len(self.skipped_sites), len(self.not_exposed_sites)
+        skipped = len(self.skipped_sites)
+        inner = [n for n in self.not_exposed_sites if ".layers." in n]
+        outer = [n.rsplit(".", 1)[-1] for n in self.not_exposed_sites if ".layers." not in n]
         return (
             f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}"
             + (f"; {skipped} site(s) SKIPPED by --skip-site, not compared" if skipped else "")
             + (
-                f"; {hidden} sub-layer site(s) NOT EXPOSED by the candidate, judged only through their layer's output"
-                if hidden
+                f"; {len(inner)} sub-layer site(s) NOT EXPOSED by the candidate, judged only through their layer's output"
+                if inner
                 else ""
             )
+            + (f"; {', '.join(outer)} NOT EXPOSED by the candidate, not judged" if outer else "")
         )
 
     @property
@@ -161,9 +168,17 @@ class Report:
             if "rule" in self.tolerance:
                 worst = max(self.all_sites, key=lambda s: s.ratio or 0.0)
                 res = self.resolution
+                runtime = (
+                    "; the candidate's runtime baseline accepted at "
+                    + ", ".join(f"{len(b['accepted'])} {b['kind']} (×{b['rms']:.2g})" for b in self.runtime_baseline)
+                    + " sites: uniform, noise-like, end to end within the bound"
+                    if self.runtime_baseline
+                    else ""
+                )
+                worst = max((s for s in self.all_sites if s.status != "runtime"), key=lambda s: s.ratio or 0.0)
                 return (
                     f"PASS: {n} sites within the float64-oracle bound, {n_exact} exact, worst "
-                    f"{fmt_ratio(worst.ratio)} transformers' own error at {worst.name}; a difference below "
+                    f"{fmt_ratio(worst.ratio)} transformers' own error at {worst.name}{runtime}; a difference below "
                     f"{res:.2g} of a site's RMS could not have been seen ({run})"
                 )
             worst_abs = max((s.max_abs or 0.0) for s in self.all_sites)
@@ -197,6 +212,9 @@ class Report:
             tail += f" isolated, {sum(not s.passed for s in self.propagated_sites)}/{n} propagated"
         if self.unloaded_parameters:
             tail += f"; {len(self.unloaded_parameters)} parameter(s) never loaded"
+        cause = (self.diagnosis or {}).get("likely_cause")
+        if cause:
+            tail += f"; likely cause: {cause} in {self.diagnosis['site']}"
         return f"FAIL: first divergent site {first.name}{where} ({detail}){tail} ({run})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +245,7 @@ class Report:
                 "ranges": self.ranges,
                 "diagnosis": self.diagnosis,
                 "batches": self.batches,
+                "runtime_baseline": self.runtime_baseline,
                 "amplification": self.amplification,
                 "fp16_overflow_site": self.fp16_overflow_site,
                 "sites": [asdict(s) for s in self.sites],

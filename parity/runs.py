@@ -143,9 +143,10 @@ def diagnose_failure(
     truth: Truth,
     inputs: ModelInputs,
     failed: SiteResult,
+    noise: float = 0.0,
 ) -> Diagnosis | None:
     """Capture the candidate's output at the failing site (teacher-forced, as judged) and rank the known-bug
-    variants of our module for that site against it."""
+    variants of our module for that site against it (``noise``: see `diagnose.diagnose`)."""
     site = failed.name
     cand_sites = _sites_of(cand, truth.names)
     # A port without an embeddings module: its embeddings are what its layer 0 receives (not teacher-forced).
@@ -187,6 +188,7 @@ def diagnose_failure(
         config,
         failed.limit,
         context,
+        noise=noise,
     )
 
 

@@ -11,12 +11,15 @@ One configurable port, lucidrains-like names (``to_patch_embedding``, ``pos_embe
 - ``fused_qkv``: one ``qkv`` Linear (filled by the loader), the rest by name;
 - ``einsum``: attention as einsums;
 - ``float64``: the whole model computed in float64, the result cast back to the input's dtype;
-- ``mha``: ``nn.MultiheadAttention`` in every layer (q;k;v packed in ``in_proj``, filled by the loader).
+- ``mha``: ``nn.MultiheadAttention`` in every layer (q;k;v packed in ``in_proj``, filled by the loader);
+- ``coarse_norm``: a stand-in for another runtime's honest but less accurate LayerNorm (MLX's is ×3.4–4.6
+  transformers' float32 error at every norm): float32 LayerNorm outputs keep three fewer mantissa bits.
 
 ``convert_state`` maps the canonical tensors to the port's own names *independently of the harness* (the tests
 load it that way to compute the truth); the harness must find everything itself. ``bug`` plants one: ``eps`` (a
-LayerNorm eps of 1e-5 in ``layer``'s ``norm2``), ``scale`` (attention logits scaled by 1/head_dim in ``layer``) or
-``column_major`` (the patch grid flattened column by column, before layer 0).
+LayerNorm eps of 1e-5 in ``layer``'s ``norm2``), ``scale`` (attention logits scaled by 1/head_dim in ``layer``),
+``gelu`` (the exact GELU in ``layer``'s MLP) or ``column_major`` (the patch grid flattened column by column, before
+layer 0).
 """
 
 from __future__ import annotations
@@ -27,7 +30,19 @@ from torch import nn
 
 from .handwritten_port import Pool
 
-STYLES = ("plain", "inplace", "inline_attn", "linear_patch", "fused_qkv", "einsum", "float64", "mha")
+STYLES = ("plain", "inplace", "inline_attn", "linear_patch", "fused_qkv", "einsum", "float64", "mha", "coarse_norm")
+
+
+class CoarseLayerNorm(nn.LayerNorm):
+    """torch's LayerNorm, its float32 output rounded to 20 mantissa bits (round to nearest): uniformly several times the
+    rounding error, noise-like, as a runtime with a less careful kernel has."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if y.dtype != torch.float32:
+            return y
+        bits = y.contiguous().view(torch.int32)
+        return ((bits + 4) & ~7).view(torch.float32)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, einsum: bool) -> torch.Tensor:
@@ -61,16 +76,18 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1, self.w2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.approximate = "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+        return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, eps: float, style: str):
         super().__init__()
         self.style, self.heads = style, heads
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        norm = CoarseLayerNorm if style == "coarse_norm" else nn.LayerNorm
+        self.norm1 = norm(dim, eps=eps)
         if style == "inline_attn":
             self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
             self.scale = (dim // heads) ** -0.5
@@ -78,7 +95,7 @@ class Block(nn.Module):
             self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         else:
             self.attn = Attention(dim, heads, fused=style == "fused_qkv", einsum=style == "einsum")
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = norm(dim, eps=eps)
         self.ff = FeedForward(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,13 +133,15 @@ class PeoplePort(nn.Module):
             Block(dim, heads, hidden, eps, "plain" if style in ("linear_patch", "float64") else style)
             for _ in range(cfg["num_hidden_layers"])
         )
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = (CoarseLayerNorm if style == "coarse_norm" else nn.LayerNorm)(dim, eps=eps)
         self.pool = Pool(dim, heads, hidden, eps)
         if bug == "eps":
             self.layers[layer].norm2.eps = 1e-5
         elif bug == "scale":
             target = self.layers[layer] if style == "inline_attn" else self.layers[layer].attn
             target.scale = 1.0 / (dim // heads)
+        elif bug == "gelu":
+            self.layers[layer].ff.approximate = "none"
         elif bug not in (None, "column_major"):
             raise ValueError(bug)
         self.column_major = bug == "column_major"  # patches read down the columns (a slip from NHWC code)
@@ -235,4 +254,4 @@ def build(style: str, bug: str | None = None, layer: int = 0):
     return factory
 
 
-__all__ = ["STYLES", "PeoplePort", "build", "convert_state"]
+__all__ = ["STYLES", "CoarseLayerNorm", "PeoplePort", "build", "convert_state"]
