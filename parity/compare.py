@@ -335,6 +335,7 @@ def _report(
             "source": w.source,
             "synthetic": w.synthetic,
             "kind": "synthetic" if w.synthetic else "real",
+            "origin": w.origin,
             **({"regime": w.regime} if w.synthetic else {}),
         },
         dtype=opts.dtype,

@@ -112,8 +112,14 @@ def head(report) -> str:
 
 
 def weights_label(weights: dict[str, Any]) -> str:
+    """How a report names its weights: ``synthetic, trained regime``, ``real`` (a hub checkpoint) or, for a user's
+    folder or file, what the harness knows of it.
+
+        >>> weights_label({"synthetic": False, "kind": "real", "origin": "folder"})
+        'local weights, not a hub checkpoint'
+    """
     if not weights["synthetic"]:
-        return "real"
+        return "local weights, not a hub checkpoint" if weights.get("origin") == "folder" else "real"
     regime = weights.get("regime")
     return f"synthetic, {regime} regime" if regime else "synthetic"
 

@@ -8,7 +8,7 @@ JSON schema (stable; fields are only ever added)::
     {"passed": bool, "verdict": str,
      "reference": {"impl", "version", "attn"},
      "candidate": {"impl", "version", "attn", "loaded_via", "inferred_rename"?, "inference"?},
-     "weights": {"source", "synthetic", "kind", "regime" (synthetic only: "trained" | "iid")}, "dtype", "device", "mode", "depth",
+     "weights": {"source", "synthetic", "kind", "origin": "synthetic" | "hub" | "folder", "regime" (synthetic only)}, "dtype", "device", "mode", "depth",
      "tolerance": {"atol", "rtol"} | {"rule": "oracle", "k", "k_max", "floor", "floor_max", "unit_roundoff"},
      "inputs": {"batch", "images", "seed", "height", "width"},
      "first_divergent_site": str | null, "missing_keys": [..], "unexpected_keys": [..], "missing_sites": [..],
@@ -137,7 +137,8 @@ class Report:
         inner = [n for n in self.not_exposed_sites if ".layers." in n]
         outer = [n.rsplit(".", 1)[-1] for n in self.not_exposed_sites if ".layers." not in n]
         return (
-            f"{self.dtype}, {self.mode}, {self.weights.get('kind', 'weights')}"
+            f"{self.dtype}, {self.mode}, "
+            + ("local weights" if self.weights.get("origin") == "folder" else self.weights.get("kind", "weights"))
             + (f"; {skipped} site(s) SKIPPED by --skip-site, not compared" if skipped else "")
             + (
                 f"; {len(inner)} sub-layer site(s) NOT EXPOSED by the candidate, judged only through their layer's output"

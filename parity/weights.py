@@ -48,6 +48,9 @@ class Weights:
     tainted: list[str] = field(default_factory=list)
     # Synthetic weights: "trained" (a trained tower's activation statistics, the default) or "iid"; None: real.
     regime: str | None = None
+    # Where real weights came from: "hub" (a hub id, or a folder in the hub cache) or "folder" (a user's folder or
+    # file: trained or random, the harness cannot tell); "synthetic" for generated ones.
+    origin: str = "synthetic"
 
 
 def weight_fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -124,7 +127,9 @@ def resolve_weights(
     assert path is not None
     config, state, source = load_vision_state_dict(path, revision=revision, config_class=None)
     state = {k: (v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    return Weights(config, state, source if weights else f"{model} ({source})", synthetic=False)
+    in_hub_cache = "models--" in str(source) and "snapshots" in str(source)
+    origin = "hub" if model or in_hub_cache else "folder"
+    return Weights(config, state, source if weights else f"{model} ({source})", synthetic=False, origin=origin)
 
 
 def fingerprint_digest(state: Mapping[str, torch.Tensor]) -> str:

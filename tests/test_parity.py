@@ -223,10 +223,12 @@ def test_cli_pass_json_and_markdown(tiny_folder, tmp_path, capsys, hf):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS: all 13 sites exact" in out
+    # #23: a user's folder may hold random weights: never labelled "real"
+    assert "(local weights, not a hub checkpoint)" in out and "(real)" not in out, out
     data = json.loads((tmp_path / "r.json").read_text())
     assert TOP_FIELDS <= set(data), sorted(TOP_FIELDS - set(data))
     assert set(data["reference"]) >= {"impl", "version", "attn"}
-    assert data["weights"] == {"source": str(tiny_folder), "synthetic": False, "kind": "real"}
+    assert data["weights"] == {"source": str(tiny_folder), "synthetic": False, "kind": "real", "origin": "folder"}
     assert data["passed"] is True and data["first_divergent_site"] is None
     assert all(SITE_FIELDS <= set(s) for s in data["sites"])
     assert [s["name"] for s in data["sites"]][:2] == [
