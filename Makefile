@@ -33,7 +33,7 @@ install-457: $(VENV457)/.installed
 $(VENV457)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(PY457) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5"
+	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5" "optimum-onnx==0.1.0"
 	touch $@
 
 ## test: the fast suite (tiny and base configs) against the installed transformers 5.x
@@ -50,7 +50,7 @@ VERSIONED_TESTS := tests/test_model_vs_transformers.py tests/test_convert.py tes
 
 ## test-457: the tests of what differs between transformers versions, again under 4.57.6 / huggingface_hub 0.x
 test-457: install-457
-	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY457) -m pytest -q -m "(transformers or hub) and not slow" $(VERSIONED_TESTS)
+	SIGLIP_REQUIRE_TRANSFORMERS=1 SIGLIP_REQUIRE_OPTIMUM=1 $(PY457) -m pytest -q -m "(transformers or hub) and not slow" $(VERSIONED_TESTS)
 
 ## test-slow: full-size presets (so400m) and other minutes-long tests
 test-slow: install

@@ -12,7 +12,9 @@ The rule, applied to the isolated run when a propagated run exists (mode ``both`
 1. the propagated run passes at every site it judges — the end-to-end truth that the runtime's error does
    not accumulate into anything the oracle rule can see — or it fails only from the first isolated site the
    baseline does not explain on (a bug there explains the end-to-end failure, and the blame goes to it, not
-   to the runtime's uniform excess before it);
+   to the runtime's uniform excess before it). If it first fails at a site whose kind fails uniformly, that
+   kind's excess is a bug at every site of it, not arithmetic: that kind (and the layer outputs, which contain
+   it) gets no baseline, the others keep theirs;
 2. per kind of site (norm, attention, MLP, layer output: `diagnose.site_kind`) with at least three judged
    sites, so that one bad site cannot move the median, the candidate's baseline is the median over those
    sites of err(cand)/err(transformers), and likewise for the max-norm error;
@@ -56,6 +58,9 @@ class KindBaseline:
     rms: float  # median err(cand)/err(ref)
     max: float  # median err_max(cand)/err_max(ref)
     accepted: list[str] = field(default_factory=list)
+    # The end-to-end truth held (rule 1): the baseline is the runtime's arithmetic, not a bug at every site of
+    # the kind; only then does the diagnosis take it out of its distances.
+    credible: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "sites": self.sites, "rms": self.rms, "max": self.max, "accepted": self.accepted}
@@ -114,26 +119,33 @@ def apply_runtime_baseline(
         elif standout is None:
             standout = r
     # The end-to-end truth: the propagated run passes, or it fails only from the first standing-out site on
-    # (that bug explains it; the uniform excess before it did not move the end-to-end result).
+    # (that bug explains it; the uniform excess before it did not move the end-to-end result). Otherwise the
+    # end-to-end run first fails at a site whose kind fails uniformly: that kind's "baseline" is a bug at every
+    # site of it (and the layer outputs, which contain it, are suspect with it); the other kinds stay credible.
     order = {r.name: i for i, r in enumerate(isolated)}
-    first_prop_fail = next((order.get(p.name, -1) for p in propagated if not p.passed), None)
-    if first_prop_fail is not None and (standout is None or first_prop_fail < order[standout.name]):
-        return list(baselines.values()), []
+    first_prop_fail = next((p.name for p in propagated if not p.passed), None)
+    suspect: set[str] = set()
+    if first_prop_fail is not None and (standout is None or order.get(first_prop_fail, -1) < order[standout.name]):
+        kind = site_kind(first_prop_fail) or ""
+        suspect = {kind, "layer"} if kind in BASELINE_KINDS else set(BASELINE_KINDS)
+    for b in baselines.values():
+        b.credible = b.kind not in suspect
     for r, limit, limit_max, b in within:
-        r.status, r.passed, r.limit, r.limit_max = "runtime", True, limit, limit_max
-        r.note = f"×{b.rms:.2g} baseline of {b.kind} sites, noise-like"
-        b.accepted.append(r.name)
+        if b.credible:
+            r.status, r.passed, r.limit, r.limit_max = "runtime", True, limit, limit_max
+            r.note = f"×{b.rms:.2g} baseline of {b.kind} sites, noise-like"
+            b.accepted.append(r.name)
     return list(baselines.values()), []
 
 
 def with_baseline(result: SiteResult, baselines: Sequence[KindBaseline], rule: Rule) -> tuple[SiteResult, float]:
-    """For the diagnosis: ``result`` with its bound widened by its kind's baseline, and the error that is no bug's
+    """For the diagnosis: ``result`` with its bound widened by its kind's credible baseline, and the error that is no bug's
     in the distance between the candidate and a variant: the candidate's own arithmetic there (its kind's baseline,
     at least transformers' error) and the variant's own float32 rounding (transformers' error), added in
     quadrature. A known-bug variant reproduces the candidate when it does so down to that error."""
     if result.err_ref is None or rule.absolute:
         return result, 0.0
-    b = next((b for b in baselines if b.kind == site_kind(result.name)), None)
+    b = next((b for b in baselines if b.kind == site_kind(result.name) and b.credible), None)
     own = max(1.0, b.rms) if b is not None else 1.0
     noise = math.sqrt(own * own + 1.0) * result.err_ref
     if b is None:
