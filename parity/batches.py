@@ -33,7 +33,7 @@ from .candidates import Candidate
 from .inputs import ModelInputs, NaflexInputs
 from .judge import ORACLE_RULES, UNIT_ROUNDOFF, Rule
 from .oracle import rms
-from .sites import SiteProgress, first_tensor
+from .sites import SiteProgress, first_tensor, image_features
 
 __all__ = ["BatchCheck", "check_batches"]
 
@@ -54,7 +54,8 @@ class BatchCheck:
 def _final(model: Any, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         out = model(x)
-    t = first_tensor(out)
+    t = image_features(out)  # a tensor, or a VLM candidate's image_features
+    t = first_tensor(out) if t is None else t
     if t is None:
         raise AssertionError("no output")  # judged runs already proved the candidate returns one
     return t.detach().double().clone()

@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         "compared and never counted as passing; repeatable",
     )
 
+    cand.add_argument(
+        "--image-features",
+        action="store_true",
+        help="judge up to the image features a VLM's language model receives (--weights/--model: the VLM's own "
+        "checkpoint): the tower's sites it uses, vision_feature (the hidden state it selects) and "
+        "multi_modal_projector; the candidate returns the image features (default: the tower alone)",
+    )
+
     run = p.add_argument_group("run")
     run.add_argument(
         "--mode",

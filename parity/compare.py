@@ -33,11 +33,12 @@ from .inputs import ModelInputs, NaflexInputs, default_processor, make_pixels
 from .judge import small_range_note
 from .options import MODES, Mode, RunOptions
 from .preprocess import processor_for_source
-from .reference import build_reference, transformers_version
+from .reference import transformers_version
 from .report import Report
 from .runs import compiled_run, diagnose_failure, judged_run
-from .sites import SiteProgress
-from .truth import Truth, run_truth
+from .sites import FEATURE_SITES, VISION_FEATURE, SiteProgress
+from .truth import Truth, any_reference, run_truth
+from .vlm import with_image_features
 from .weights import DTYPES, Weights, fingerprint_digest, resolve_weights, weight_fingerprint
 
 __all__ = [
@@ -112,20 +113,37 @@ def compare(
     mode, depth, narrowed = cand.narrow(opts.mode, opts.depth, rules)
     opts = dataclasses.replace(opts, mode=mode, depth=depth).checked()
     cand.check_run(opts.dtype)
+    if opts.image_features and not cand.image_features:
+        raise InputError(
+            f"--image-features judges PyTorch candidates (a module or factory), not a {cand.kind} candidate",
+            "--image-features",
+            "judge the tower alone, or wrap the port in an nn.Module",
+        )
     say = progress or (lambda line: None)
 
     say("loading weights")
     w = _weights(opts, cand)
+    if opts.image_features and w.features is None:
+        w = with_image_features(w)
     inputs, processor = _inputs(opts, w, pixel_values, processor)
     fingerprint = weight_fingerprint(w.state_dict)
     truth = run_truth(
-        w.config, w.state_dict, inputs, mode=opts.mode, depth=opts.depth, attn=opts.attn, skips=opts.skips, say=say
+        w.config,
+        w.state_dict,
+        inputs,
+        mode=opts.mode,
+        depth=opts.depth,
+        attn=opts.attn,
+        skips=opts.skips,
+        say=say,
+        features=w.features,
     )
 
     infer = rename is None and not cand.canonical_names
     say("candidate: loading weights" + (" and inferring its rename map" if infer else ""))
+    given = {"features": w.features} if w.features is not None else {}
     load = cand.load(
-        w.config, w.state_dict, rules, names=truth.names, attn=opts.attn, allowed=opts.allowed, infer=infer
+        w.config, w.state_dict, rules, names=truth.names, attn=opts.attn, allowed=opts.allowed, infer=infer, **given
     )
     cand.to(opts.device, DTYPES[opts.dtype])  # a no-op for the shared tensors, already in place
     notes = _infer_sites(cand, load, truth, inputs, list(w.state_dict)) if infer else []
@@ -144,14 +162,18 @@ def compare(
     baselines, base_notes = apply_runtime_baseline(iso, prop, opts.rule) if iso is not None else ([], [])
     # Why: known-bug variants at the first site that fails in isolated mode (its input is known).
     diagnosis = None
-    first_fail = next((r for r in runs[0] if r.status == "fail"), None) if truth.isolated is not None else None
-    if first_fail is not None and (first_fail.name in truth.ref_in or first_fail.name == "vision_model.embeddings"):
+    first_fail = next((r for r in runs[0] if _diagnosable(r)), None) if truth.isolated is not None else None
+    if first_fail is not None and first_fail.status == "shape":  # a token count: judged by the site's bound
+        first_fail = dataclasses.replace(first_fail, limit=opts.rule.limits(truth.isolated[first_fail.name])[0])
+    if first_fail is not None and (first_fail.name in truth.ref_in or first_fail.name in DIAGNOSED_WITHOUT_INPUT):
         say(f"diagnosis: known-bug variants at {first_fail.name}")
         first_fail, noise = with_baseline(first_fail, baselines, opts.rule)
-        diagnosis = diagnose_failure(cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail, noise)
+        diagnosis = diagnose_failure(
+            cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail, noise, features=w.features
+        )
 
     say("candidate: state and batch check (the same images in other batches)")
-    reference = build_reference(w.config, w.state_dict, attn_implementation=opts.attn)
+    reference = any_reference(w.config, w.state_dict, opts.attn, w.features)
     batches = check_batches(cand, reference, inputs, opts.rule, rerunnable=cand.rerunnable, progress=say)
     if not batches.checked:
         notes.append(batches.detail)
@@ -177,6 +199,14 @@ def assert_parity(options: RunOptions | None = None, **kwargs: Any) -> Report:
     if not report.passed:
         raise AssertionError("\n" + report.table())
     return report
+
+
+DIAGNOSED_WITHOUT_INPUT = ("vision_model.embeddings", VISION_FEATURE)
+
+
+def _diagnosable(r: Any) -> bool:
+    """A failing site, or a VLM feature site with another token count (a dropped or added token is a known bug)."""
+    return r.status == "fail" or (r.status == "shape" and r.name in FEATURE_SITES)
 
 
 # -- the phases ------------------------------------------------------------------------------------------
@@ -324,7 +354,10 @@ def _report(
         sites=runs[0],
         propagated_sites=runs[1] if len(runs) > 1 else None,
         reference={
-            "impl": f"transformers.{'Siglip2VisionModel' if naflex else 'SiglipVisionModel'}",
+            "impl": f"transformers.{w.features.class_name}.get_image_features"
+            if w.features is not None
+            else f"transformers.{'Siglip2VisionModel' if naflex else 'SiglipVisionModel'}",
+            **({"image_features": w.features.path.describe()} if w.features is not None else {}),
             "version": transformers_version(),
             "attn": opts.attn,
         },

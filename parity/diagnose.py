@@ -17,8 +17,9 @@ with a description that completes "likely cause: … in <site>". (Head counts de
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from siglip_scratch.config import SiglipVisionConfig
 
-__all__ = ["VARIANTS", "Context", "Diagnosis", "diagnose", "naflex_context", "site_kind"]
+__all__ = ["VARIANTS", "Context", "Diagnosis", "diagnose", "naflex_context", "ranked_diagnosis", "site_kind"]
 
 Variant = Callable[[nn.Module, torch.Tensor, SiglipVisionConfig, "Context"], torch.Tensor]
 
@@ -319,23 +320,42 @@ def diagnose(
     ctx = context or Context()
     naflex = ctx.keep is not None
     kind = site_kind(site)
-    cand = ctx.select(candidate_out.detach()).double()
-    scale = reference_out.detach().double().pow(2).mean().sqrt().item() or 1.0
-    base = (cand - reference_out.detach().double()).pow(2).mean().sqrt().item() / scale
-    ranked: list[tuple[str, float, float]] = []
     library = [] if naflex and kind == "embeddings" else list(VARIANTS.get(kind or "", []))
     library += _heads_variants(config) if kind == "attention" else []
     library += VARIANTS.get(f"naflex-{kind}", []) if naflex else []
+    thunks = [(desc, functools.partial(variant, module, x, config, ctx)) for desc, variant in library]
+    return ranked_diagnosis(site, thunks, candidate_out, reference_out, limit, noise, ctx.select)
+
+
+def ranked_diagnosis(
+    site: str,
+    library: Sequence[tuple[str, Callable[[], torch.Tensor]]],
+    candidate_out: torch.Tensor,
+    reference_out: torch.Tensor,
+    limit: float | None,
+    noise: float = 0.0,
+    select: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> Diagnosis:
+    """Rank the variants (``(description, thunk)``) by how close each comes to ``candidate_out``; see `diagnose`.
+
+    A variant whose shape is not the candidate's is skipped. A candidate whose shape is not the reference's (a
+    token more or less) is infinitely far from it, so a variant that reproduces it needs only to be within ``limit``."""
+    cand = select(candidate_out.detach()).double()
+    ref = reference_out.detach().double()
+    scale = ref.pow(2).mean().sqrt().item() or 1.0
+    base = (cand - ref).pow(2).mean().sqrt().item() / scale if cand.shape == ref.shape else math.inf
+    ranked: list[tuple[str, float, float]] = []
     for desc, variant in library:
         try:
             with torch.inference_mode():
-                out = ctx.select(variant(module, x, config, ctx))
+                out = select(variant())
         except (ValueError, RuntimeError):
             continue  # not applicable at this shape (a head count that does not divide the width)
         if tuple(out.shape) != tuple(cand.shape):
             continue
         err = (cand - out.double()).pow(2).mean().sqrt().item() / scale
-        ranked.append((desc, err, _beyond(err, noise) / _beyond(base, noise) if _beyond(base, noise) > 0 else math.inf))
+        beyond = _beyond(base, noise)
+        ranked.append((desc, err, _beyond(err, noise) / beyond if beyond > 0 else math.inf))
     ranked.sort(key=lambda r: r[1])
     bound = limit if limit is not None else 0.0
     likely = ranked[0][0] if ranked and ranked[0][1] <= max(bound, 0.0) and ranked[0][2] < 0.5 else None

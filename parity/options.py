@@ -48,6 +48,7 @@ class RunOptions:
     rtol: float | None = None
     allow_unloaded: Sequence[str] = ()
     skip_sites: Sequence[str] = ()
+    image_features: bool = False  # judge up to a VLM's image features (`vlm.py`), not the tower alone
     # Derived by `checked`: compiled patterns and the pass rule.
     allowed: list[re.Pattern[str]] = field(default_factory=list, repr=False)
     skips: list[re.Pattern[str]] = field(default_factory=list, repr=False)
@@ -100,6 +101,7 @@ class RunOptions:
             "rtol": args.rtol,
             "allow_unloaded": args.allow_unloaded,
             "skip_sites": args.skip_site,
+            "image_features": getattr(args, "image_features", False),
         }
         values.update(overrides)
         return cls(**values)

@@ -32,7 +32,7 @@ from .sites import SiteProgress, first_tensor, hooks, teacher_forced
 
 __all__ = ["SiteTruth", "float64_units", "run_oracle", "unit_names"]
 
-UNIT_SUFFIXES = ("embeddings", "post_layernorm", "head")
+UNIT_SUFFIXES = ("embeddings", "post_layernorm", "head", "multi_modal_projector")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def float64_units(units: Mapping[str, nn.Module]) -> Iterator[None]:
     """While active, each unit runs with float64 copies of its floating-point parameters and buffers,
     made when its forward starts and dropped when it ends. The original tensors are never touched."""
 
-    def to64(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    def to64(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         saved = []
         for sub in mod.modules():
             for store in (sub._parameters, sub._buffers):
@@ -71,6 +71,9 @@ def float64_units(units: Mapping[str, nn.Module]) -> Iterator[None]:
                         saved.append((store, name, t))
                         store[name] = t.detach().to(torch.float64)
         mod._siglip_saved = saved  # type: ignore[attr-defined]
+        # Its inputs too: a caller may have cast them to the model's dtype (Idefics3 casts the pixels), and an
+        # input is exact in float64 (it was rounded before, identically for the reference).
+        return tuple(_up(a) for a in args), {k: _up(v) for k, v in kwargs.items()}
 
     def restore(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         for store, name, t in mod._siglip_saved:  # type: ignore[attr-defined]
@@ -80,7 +83,7 @@ def float64_units(units: Mapping[str, nn.Module]) -> Iterator[None]:
     handles = []
     try:
         for unit in units.values():
-            handles.append(unit.register_forward_pre_hook(to64))
+            handles.append(unit.register_forward_pre_hook(to64, with_kwargs=True))
             handles.append(unit.register_forward_hook(restore))
         yield
     finally:
@@ -91,6 +94,12 @@ def float64_units(units: Mapping[str, nn.Module]) -> Iterator[None]:
                 restore(unit, (), None)
 
 
+def _up(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(torch.float64)
+    return value
+
+
 def run_oracle(
     model: nn.Module,
     sites: Mapping[str, nn.Module],
@@ -98,6 +107,7 @@ def run_oracle(
     ref_out: Mapping[str, torch.Tensor],
     ref_in: Mapping[str, torch.Tensor] | None,
     progress: SiteProgress | None = None,
+    unjudged: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, SiteTruth]:
     """Run ``model`` (the reference, sdpa attention) in float64 and reduce every site against ``ref_out``.
 
@@ -108,8 +118,10 @@ def run_oracle(
         ref_in: the reference's recorded inputs for isolated truth (teacher forcing), or None for
             propagated truth.
         progress: told as each site's truth is reduced (per-group progress lines).
+        unjudged: more float64 units that no site judges (a VLM's tower layers past the one its features use,
+            its unused head): they still run, so they run in float64 too.
     """
-    units = {n: sites[n] for n in unit_names(list(sites))}
+    units = {**{n: sites[n] for n in unit_names(list(sites))}, **(unjudged or {})}
     owned = {id(p) for u in units.values() for p in u.parameters()}
     stray = [n for n, p in model.named_parameters() if id(p) not in owned]
     assert not stray, f"parameters outside every oracle unit: {stray[:3]}"

@@ -7,7 +7,7 @@ special-cases a version.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,9 @@ __all__ = [
     "build_reference",
     "canonical_name",
     "naflex_arithmetic",
+    "rebuild_position_ids",
     "record_reference",
+    "reference_namer",
     "reference_prefix",
     "transformers_version",
 ]
@@ -61,6 +63,16 @@ def canonical_name(name: str, prefix: str) -> str:
     if prefix and name.startswith(prefix):
         name = name[len(prefix) :]
     return "vision_model." + name if name else "vision_model"
+
+
+def reference_namer(model: nn.Module) -> Callable[[str], str]:
+    """The reference's module name → canonical name: a reference that names its own (the image-features
+    reference's ``canonical``), else `canonical_name` with the layout's prefix."""
+    own = getattr(model, "canonical", None)
+    if callable(own):
+        return own
+    prefix = reference_prefix(model)
+    return lambda name: canonical_name(name, prefix)
 
 
 def build_reference(
@@ -103,16 +115,19 @@ def build_reference(
     left = sorted(set(result.missing_keys) - {n for n, _ in model.named_buffers()}) + sorted(result.unexpected_keys)
     if left:
         raise InputError(f"reference left keys unloaded: {left[:5]}", f"transformers.{cls_name}", "report this")
-    device = next(iter(state_dict.values())).device
-    # Non-persistent buffers (position_ids) were created on meta; rebuild them for real.
+    rebuild_position_ids(model, next(iter(state_dict.values())).device, f"transformers.{cls_name}")
+    return model.eval()
+
+
+def rebuild_position_ids(model: nn.Module, device: torch.device, owner: str) -> None:
+    """Non-persistent buffers (``position_ids``) were created on meta and are never in a checkpoint: rebuild
+    them for real. Any other buffer still on meta is our bug."""
     for mod_name, module in model.named_modules():
         for buf_name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:
                 if buf_name != "position_ids":
-                    raise InputError(f"unexpected meta buffer {mod_name}.{buf_name}", "reference", "report this")
-                n = buf.shape[-1]
-                setattr(module, buf_name, torch.arange(n, device=device).expand((1, -1)))
-    return model.eval()
+                    raise InputError(f"unexpected meta buffer {mod_name}.{buf_name}", owner, "report this")
+                setattr(module, buf_name, torch.arange(buf.shape[-1], device=device).expand((1, -1)))
 
 
 def record_reference(
@@ -120,8 +135,7 @@ def record_reference(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run the reference once on ``inputs`` and record, per site, its input (the tensor teacher forcing
     replaces) and its output. Returns ``(inputs, outputs)`` keyed by canonical site name."""
-    prefix = reference_prefix(reference)
-    ref_sites = named_sites(reference, lambda n: canonical_name(n, prefix), names)
+    ref_sites = named_sites(reference, reference_namer(reference), names)
     ref_in: dict[str, torch.Tensor] = {}
     ref_out: dict[str, torch.Tensor] = {}
 

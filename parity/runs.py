@@ -14,22 +14,27 @@ from siglip_scratch.config import AnyVisionConfig
 
 from .candidates import Candidate, build_ours
 from .diagnose import Diagnosis, diagnose, naflex_context
+from .feature_bugs import diagnose_features
 from .inputs import ModelInputs, NaflexInputs, forward_candidate, select
 from .judge import Rule, SiteResult, measure
 from .oracle import SiteTruth
 from .sites import (
     EMBEDDINGS,
+    FEATURE_SITES,
     FIRST_LAYER,
+    PROJECTOR,
     RenameRules,
     SiteProgress,
     apply_rename,
     first_tensor,
     hooks,
+    image_features,
     input_tensor,
     named_sites,
     teacher_forced,
 )
 from .truth import Truth
+from .vlm import VlmSpec
 
 __all__ = ["compiled_run", "diagnose_failure", "judged_run"]
 
@@ -88,7 +93,7 @@ def judged_run(
         output = cand.forward(inputs)
 
     # Candidates without module-level sites still expose their final outputs.
-    fallbacks = {"vision_model.post_layernorm": first_tensor(output), "vision_model.head": _pooled(output)}
+    fallbacks = final_outputs(output, names)
     for site, tensor in fallbacks.items():
         if site in names and site not in results and tensor is not None:
             results[site] = judge(site, tensor)
@@ -111,7 +116,7 @@ def compiled_run(cand: Candidate, truth: Truth, inputs: ModelInputs, rule: Rule)
     with torch.inference_mode():
         output = forward_candidate(cand.compiled, inputs)
     results = []
-    for site, tensor in (("vision_model.post_layernorm", first_tensor(output)), ("vision_model.head", _pooled(output))):
+    for site, tensor in final_outputs(output, truth.names).items():
         if site in truth.names and tensor is not None:
             result = measure(site, select(inputs, tensor), truth.ref_out[site], truth.propagated[site], rule)
             result.note = "the compiled forward, end to end"
@@ -144,11 +149,15 @@ def diagnose_failure(
     inputs: ModelInputs,
     failed: SiteResult,
     noise: float = 0.0,
+    *,
+    features: VlmSpec | None = None,
 ) -> Diagnosis | None:
     """Capture the candidate's output at the failing site (teacher-forced, as judged) and rank the known-bug
     variants of our module for that site against it (``noise``: see `diagnose.diagnose`)."""
     site = failed.name
     cand_sites = _sites_of(cand, truth.names)
+    if features is not None and (site in FEATURE_SITES or site.startswith(PROJECTOR + ".")):
+        return _diagnose_feature_site(cand, cand_sites, config, state, attn, truth, inputs, failed, noise, features)
     # A port without an embeddings module: its embeddings are what its layer 0 receives (not teacher-forced).
     via_first = site == EMBEDDINGS and site not in cand_sites and FIRST_LAYER in cand_sites
     if site not in cand_sites and not via_first:
@@ -190,6 +199,56 @@ def diagnose_failure(
         context,
         noise=noise,
     )
+
+
+def _diagnose_feature_site(
+    cand: Candidate,
+    cand_sites: Mapping[str, nn.Module],
+    config: AnyVisionConfig,
+    state: Mapping[str, torch.Tensor],
+    attn: str,
+    truth: Truth,
+    inputs: ModelInputs,
+    failed: SiteResult,
+    noise: float,
+    features: VlmSpec,
+) -> Diagnosis | None:
+    """A site past the tower: the candidate runs with every site teacher-forced (as judged) and its value at the
+    site is captured (the projector's from the model's output when it has no projector module); the
+    VLM-integration variants (`feature_bugs.py`) are ranked against it."""
+    site = failed.name
+    captured: dict[str, torch.Tensor] = {}
+
+    def on_output(name: str, output: Any) -> None:
+        t = first_tensor(output)
+        if name == site and t is not None and name not in captured:
+            captured[name] = t.detach().clone()
+
+    def on_input(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return teacher_forced(name, args, kwargs, truth.ref_in, module=cand_sites[name])
+
+    cand.set_mode("isolated")
+    try:
+        with torch.inference_mode(), hooks(cand_sites, on_input=on_input, on_output=on_output):
+            output = cand.forward(inputs)
+    except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
+        return None
+    if site not in captured and site == PROJECTOR and image_features(output) is not None:
+        captured[site] = image_features(output).detach().clone()  # type: ignore[union-attr]
+    if site not in captured or not isinstance(inputs, torch.Tensor):
+        return None
+    ours = build_ours(config, state, attn, features)
+    return diagnose_features(
+        site, ours, inputs, truth.ref_in.get(site), captured[site], truth.ref_out[site], failed.limit, noise
+    )
+
+
+def final_outputs(output: Any, names: Sequence[str]) -> dict[str, torch.Tensor | None]:
+    """The sites a model's own output stands in for: the image features (a VLM candidate), else the last hidden
+    state and the pooled output."""
+    if PROJECTOR in names:
+        return {PROJECTOR: image_features(output)}
+    return {"vision_model.post_layernorm": first_tensor(output), "vision_model.head": _pooled(output)}
 
 
 def _pooled(output: Any) -> torch.Tensor | None:

@@ -19,21 +19,27 @@ from torch import nn
 
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import InputError
+from siglip_scratch.vlm import FeaturePath
 
 __all__ = [
     "EMBEDDINGS",
+    "FEATURE_SITES",
     "FIRST_LAYER",
+    "INPUT_SITES",
+    "PROJECTOR",
     "SITE_CONTRACT",
     "Depth",
     "RenameRules",
     "SiteProgress",
     "apply_rename",
     "first_tensor",
+    "image_features",
     "input_tensor",
     "replace_first_tensor",
     "site_names",
     "teacher_forced",
     "teacher_input",
+    "VISION_FEATURE",
 ]
 
 Depth = Literal["coarse", "fine"]
@@ -47,28 +53,47 @@ SITE_CONTRACT = (
     "  …layers.i                         [B, N, D] the layer output, after both residual adds\n"
     "  vision_model.post_layernorm       [B, N, D] the final LayerNorm output (last_hidden_state)\n"
     "  vision_model.head                 [B, D] the MAP-pooled output (pooler_output)\n"
+    "with --image-features (a VLM's path past the tower; sites after the deepest layer it uses are not judged):\n"
+    "  vision_feature                    [B, T, D·k] the projector's input: the hidden state(s) the VLM selects\n"
+    "  multi_modal_projector             [B, T', D_text] the image tokens the language model receives\n"
     "A module may return a tensor, a tuple/list (first item), an object with last_hidden_state, or a dict\n"
     "with last_hidden_state. The model's own output (tensor, tuple, object or dict with last_hidden_state /\n"
-    "pooler_output) stands in for post_layernorm and head when no module carries them. Rename rules map\n"
+    "pooler_output) stands in for post_layernorm and head when no module carries them (with --image-features: a\n"
+    "tensor, or a dict / object with image_features, stands in for multi_modal_projector). Rename rules map\n"
     "candidate names (module paths and parameter keys) to canonical ones, in order, each applied to the\n"
     "previous rule's result."
 )
 EMBEDDINGS = "vision_model.embeddings"
 FIRST_LAYER = "vision_model.encoder.layers.0"
+# Image features (a VLM's path past the tower, `siglip_scratch.vlm`): the hidden state it selects is read as its
+# projector's *input* (a selection has no module of its own); the projector's output is the image tokens.
+VISION_FEATURE = "vision_feature"
+PROJECTOR = "multi_modal_projector"
+INPUT_SITES = {VISION_FEATURE: PROJECTOR}  # site -> the site whose module's input it is
+FEATURE_SITES = (VISION_FEATURE, PROJECTOR)
 
 
-def site_names(config: SiglipVisionConfig, depth: Depth = "coarse") -> list[str]:
-    """Canonical sites in the order their outputs are produced (a sub-layer before its layer)."""
+def site_names(config: SiglipVisionConfig, depth: Depth = "coarse", path: FeaturePath | None = None) -> list[str]:
+    """Canonical sites in the order their outputs are produced (a sub-layer before its layer).
+
+    With a VLM's feature ``path``: the tower's sites up to the deepest layer the image features depend on,
+    ``post_layernorm`` only where the family applies it, no head, then `VISION_FEATURE`, Gemma 3's soft-embedding
+    norm (fine depth) and `PROJECTOR`."""
+    layers = config.num_hidden_layers if path is None else path.last_layer + 1
     names = ["vision_model.embeddings"]
-    for i in range(config.num_hidden_layers):
+    for i in range(layers):
         layer = f"vision_model.encoder.layers.{i}"
         if depth == "fine":
             names += [f"{layer}.{s}" for s in SUBLAYER_SITES]
         names.append(layer)
-    names.append("vision_model.post_layernorm")
-    if config.vision_use_head:
-        names.append("vision_model.head")
-    return names
+    if path is None or path.post_layernorm:
+        names.append("vision_model.post_layernorm")
+    if path is None:
+        return names + (["vision_model.head"] if config.vision_use_head else [])
+    names.append(VISION_FEATURE)
+    if depth == "fine" and path.family == "gemma3":
+        names.append(f"{PROJECTOR}.mm_soft_emb_norm")
+    return names + [PROJECTOR]
 
 
 def apply_rename(name: str, rules: RenameRules) -> str:
@@ -86,6 +111,14 @@ def first_tensor(value: Any) -> torch.Tensor | None:
         return value[0]
     hidden = value.get("last_hidden_state") if isinstance(value, Mapping) else getattr(value, "last_hidden_state", None)
     return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def image_features(output: Any) -> torch.Tensor | None:
+    """A VLM candidate's image features: a tensor, or ``image_features`` (a key or an attribute)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    found = output.get("image_features") if isinstance(output, Mapping) else getattr(output, "image_features", None)
+    return found if isinstance(found, torch.Tensor) else None
 
 
 _PREFERRED_KWARGS = ("hidden_states", "hidden_state", "x", "input", "inputs_embeds", "pixel_values")
@@ -213,7 +246,11 @@ def named_sites(model: nn.Module, to_canonical: Callable[[str], str], wanted: Se
         canonical = to_canonical(name)
         if canonical in wanted_set and canonical not in found:
             found[canonical] = module
-    return found
+    for site, owner in INPUT_SITES.items():  # read at its owner's input: the same module
+        if site in wanted_set and owner in found:
+            found[site] = found[owner]
+    # In production order: an input site's pre-hook must run before its owner's (teacher forcing replaces it).
+    return {n: found[n] for n in wanted if n in found}
 
 
 @contextmanager
@@ -226,6 +263,14 @@ def hooks(
     handles = []
     try:
         for name, module in sites.items():
+            if name in INPUT_SITES:  # its value is the module's input, as it arrives (before any forcing)
+                if on_output is not None:
+
+                    def read(mod, args, kwargs, _name=name):
+                        on_output(_name, input_tensor(args, kwargs))
+
+                    handles.append(module.register_forward_pre_hook(read, with_kwargs=True))
+                continue
             if on_input is not None:
 
                 def pre(mod, args, kwargs, _name=name):

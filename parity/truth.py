@@ -15,11 +15,21 @@ from siglip_scratch.errors import InputError
 from .inputs import ModelInputs, select
 from .judge import range_scan
 from .oracle import SiteTruth, run_oracle
-from .reference import build_reference, canonical_name, record_reference, reference_prefix
+from .reference import build_reference, record_reference, reference_namer
 from .sites import SiteProgress, named_sites, site_names
+from .vlm import VlmSpec, build_features_reference
 from .weights import nonfinite_keys
 
-__all__ = ["Truth", "run_truth"]
+__all__ = ["Truth", "any_reference", "run_truth"]
+
+
+def any_reference(
+    config: AnyVisionConfig, state: Mapping[str, torch.Tensor], attn: str, features: VlmSpec | None
+) -> torch.nn.Module:
+    """The tower's reference, or with ``features`` the VLM's image-features reference (`vlm.py`)."""
+    if features is None:
+        return build_reference(config, state, attn_implementation=attn)
+    return build_features_reference(features, config, state, attn_implementation=attn)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -47,10 +57,11 @@ def run_truth(
     attn: str,
     skips: list,
     say: Callable[[str], None],
+    features: VlmSpec | None = None,
 ) -> Truth:
     """Run the reference (hooks record each site's input and output) and the float64 oracle passes ``mode``
     needs; scan the reference's ranges; name non-finite weights when the outputs show some."""
-    names = site_names(config, depth)  # type: ignore[arg-type]
+    names = site_names(config, depth, features.path if features else None)  # type: ignore[arg-type]
     for pattern in skips:
         if not any(pattern.fullmatch(n) for n in names):
             raise InputError(
@@ -62,7 +73,7 @@ def run_truth(
     isolated, propagated = mode in ("isolated", "both"), mode in ("propagated", "both")
     passes = " + ".join(m for m, on in (("isolated", isolated), ("propagated", propagated)) if on)
     say(f"reference and float64 oracle ({passes}) at {len(names)} sites")
-    reference = build_reference(config, state, attn_implementation=attn)
+    reference = any_reference(config, state, attn, features)
     ref_in, ref_out = record_reference(reference, names, inputs)
     ref_sel = {k: select(inputs, v) for k, v in ref_out.items()}
     ranges, range_notes = range_scan(ref_sel)
@@ -70,12 +81,15 @@ def run_truth(
     # scan the weights only then, to name them.
     finite = all(bool(torch.isfinite(t).all()) for t in ref_sel.values())
     # The oracle uses sdpa: eager attention upcasts its softmax to float32 only.
-    oracle_model = reference if attn == "sdpa" else build_reference(config, state, attn_implementation="sdpa")
-    prefix = reference_prefix(oracle_model)
-    oracle_sites = named_sites(oracle_model, lambda n: canonical_name(n, prefix), names)
+    oracle_model = reference if attn == "sdpa" else any_reference(config, state, "sdpa", features)
+    namer = reference_namer(oracle_model)
+    oracle_sites = named_sites(oracle_model, namer, names)
+    # A VLM's tower still runs the layers (and head) its features do not use: they run in float64 too, unjudged.
+    extra = named_sites(oracle_model, namer, [n for n in site_names(config) if n not in names]) if features else {}
 
     def oracle(name: str, forced: dict[str, torch.Tensor] | None) -> dict[str, SiteTruth]:
-        return run_oracle(oracle_model, oracle_sites, inputs, ref_sel, forced, SiteProgress(say, name, names))
+        progress = SiteProgress(say, name, names)
+        return run_oracle(oracle_model, oracle_sites, inputs, ref_sel, forced, progress, extra)
 
     return Truth(
         names=names,

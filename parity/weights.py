@@ -13,6 +13,7 @@ import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,10 @@ class Weights:
     # Where real weights came from: "hub" (a hub id, or a folder in the hub cache) or "folder" (a user's folder or
     # file: trained or random, the harness cannot tell); "synthetic" for generated ones.
     origin: str = "synthetic"
+    # Real weights: the folder they were read from (a VLM's projector is read from it too).
+    folder: str | None = None
+    # --image-features: the VLM's feature path (`vlm.VlmSpec`); ``state_dict`` then holds its projector too.
+    features: Any = None
 
 
 def weight_fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -129,7 +134,8 @@ def resolve_weights(
     state = {k: (v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     in_hub_cache = "models--" in str(source) and "snapshots" in str(source)
     origin = "hub" if model or in_hub_cache else "folder"
-    return Weights(config, state, source if weights else f"{model} ({source})", synthetic=False, origin=origin)
+    label = source if weights else f"{model} ({source})"
+    return Weights(config, state, label, synthetic=False, origin=origin, folder=str(source))
 
 
 def fingerprint_digest(state: Mapping[str, torch.Tensor]) -> str:

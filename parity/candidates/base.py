@@ -54,6 +54,8 @@ class Candidate(abc.ABC):
     # True when `module` carries the canonical site names already (ours; the replay tree of an ONNX graph or
     # activation file): no rename map is inferred for it.
     canonical_names: ClassVar[bool] = True
+    # Judged up to a VLM's image features (--image-features): `load` then takes ``features`` (a `vlm.VlmSpec`).
+    image_features: ClassVar[bool] = False
     # False when the candidate cannot be run on new inputs (activation files) or holds no Python state (an
     # ONNX graph): the state and batch check (batches.py) is then skipped, and the report says so.
     rerunnable: ClassVar[bool] = True
@@ -100,6 +102,7 @@ class Candidate(abc.ABC):
         attn: str,
         allowed: Sequence[re.Pattern[str]],
         infer: bool,
+        features: Any = None,
     ) -> LoadResult:
         """Build ``module`` for ``config`` and put the shared weights ``state`` into it (``rules`` rename the
         candidate's keys and module paths; ``infer``: no rules were given, infer the parameters' map)."""

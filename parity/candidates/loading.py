@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import InputError
 from siglip_scratch.files import read_json
 
@@ -72,8 +71,8 @@ def load_candidate_factory(spec: str, flag: str = "--candidate", what: str = "fa
     return factory
 
 
-def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.Module:
-    """Call ``factory(config_dict)`` or ``factory()`` and check that it returns an ``nn.Module``."""
+def build_candidate(factory: Any, config: dict[str, Any], spec: str) -> nn.Module:
+    """Call ``factory(config)`` (a config dict) or ``factory()`` and check that it returns an ``nn.Module``."""
     try:
         params = [
             p
@@ -83,7 +82,7 @@ def build_candidate(factory: Any, config: SiglipVisionConfig, spec: str) -> nn.M
     except (TypeError, ValueError):
         params = []
     try:
-        module = factory(config.to_dict()) if params else factory()
+        module = factory(config) if params else factory()
     except Exception as exc:  # the user's factory may raise anything
         raise InputError(f"candidate factory raised {type(exc).__name__}: {exc}", spec, "fix the factory") from None
     if not isinstance(module, nn.Module):

@@ -13,6 +13,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 import siglip_scratch
 from siglip_scratch.config import AnyVisionConfig, Siglip2VisionConfig
 from siglip_scratch.modeling import model_class_for
+from siglip_scratch.vlm import SiglipImageFeatures
 
 from ..infer import infer_parameter_rules
 from ..reference import naflex_arithmetic
@@ -23,8 +24,13 @@ from .loading import LoadResult, as_rename_rules, build_candidate, load_candidat
 __all__ = ["ModuleCandidate", "OursCandidate", "build_ours"]
 
 
-def build_ours(config: AnyVisionConfig, state: Mapping[str, torch.Tensor], attn: str) -> nn.Module:
-    """Our encoder for ``config`` on the shared tensors (NaFlex with the installed transformers' arithmetic)."""
+def build_ours(
+    config: AnyVisionConfig, state: Mapping[str, torch.Tensor], attn: str, features: Any = None
+) -> nn.Module:
+    """Our encoder for ``config`` on the shared tensors (NaFlex with the installed transformers' arithmetic); with
+    ``features`` (a `vlm.VlmSpec`), our tower plus the VLM's feature selection and projector."""
+    if features is not None:
+        return SiglipImageFeatures.from_state_dict(config, features.path, state, attn_implementation=attn)  # type: ignore[arg-type]
     model = model_class_for(config).from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
     if isinstance(config, Siglip2VisionConfig):
         model.set_arithmetic(naflex_arithmetic())
@@ -35,9 +41,10 @@ class OursCandidate(Candidate):
     """siglip_scratch's own encoder, built on the shared tensors (strict: every key, every shape)."""
 
     kind = "ours"
+    image_features = True
 
-    def load(self, config, state, rules, *, names, attn, allowed, infer) -> LoadResult:
-        self.module = build_ours(config, state, attn)
+    def load(self, config, state, rules, *, names, attn, allowed, infer, features=None) -> LoadResult:
+        self.module = build_ours(config, state, attn, features)
         self.info = {
             "impl": f"siglip_scratch.{type(self.module).__name__}",
             "version": siglip_scratch.__version__,
@@ -51,6 +58,7 @@ class ModuleCandidate(Candidate):
     config as a dict (or with nothing). ``spec`` names it in the report."""
 
     kind = "module"
+    image_features = True
     canonical_names = False  # a user's names: without --rename a map is inferred (parameters, then sites)
 
     def __init__(self, *, module: nn.Module | None = None, factory: Callable[..., Any] | None = None, spec: str):
@@ -74,9 +82,12 @@ class ModuleCandidate(Candidate):
         attn: str,
         allowed: Sequence[re.Pattern[str]],
         infer: bool,
+        features: Any = None,
     ) -> LoadResult:
         if self.factory is not None:
-            self.module = build_candidate(self.factory, config, self.spec)  # type: ignore[arg-type]
+            # A VLM candidate's factory gets the VLM's config.json (its tower's is its vision_config).
+            given = features.config if features is not None else config.to_dict()
+            self.module = build_candidate(self.factory, given, self.spec)
             setter = getattr(self.module, "set_attn_implementation", None)
             cand_attn = "n/a"
             if callable(setter):
