@@ -46,7 +46,8 @@ test: install
 # depend on the version and runs once, in `make test`.
 VERSIONED_TESTS := tests/test_model_vs_transformers.py tests/test_convert.py tests/test_vlm.py tests/test_naflex.py \
 	tests/test_weights.py tests/test_verify.py tests/test_hub_faults.py tests/test_processor.py \
-	tests/test_preprocess.py tests/test_onnx.py tests/test_parity.py tests/test_activations.py tests/test_errors.py
+	tests/test_preprocess.py tests/test_onnx.py tests/test_parity.py tests/test_activations.py tests/test_errors.py \
+	tests/test_image_features.py
 
 ## test-457: the tests of what differs between transformers versions, again under 4.57.6 / huggingface_hub 0.x
 test-457: install-457

@@ -113,38 +113,17 @@ def compare(
     mode, depth, narrowed = cand.narrow(opts.mode, opts.depth, rules)
     opts = dataclasses.replace(opts, mode=mode, depth=depth).checked()
     cand.check_run(opts.dtype)
-    if opts.image_features and not cand.image_features:
-        raise InputError(
-            f"--image-features judges PyTorch candidates (a module or factory), not a {cand.kind} candidate",
-            "--image-features",
-            "judge the tower alone, or wrap the port in an nn.Module",
-        )
     say = progress or (lambda line: None)
 
     say("loading weights")
     w = _weights(opts, cand)
-    if opts.image_features and w.features is None:
-        w = with_image_features(w)
     inputs, processor = _inputs(opts, w, pixel_values, processor)
     fingerprint = weight_fingerprint(w.state_dict)
-    truth = run_truth(
-        w.config,
-        w.state_dict,
-        inputs,
-        mode=opts.mode,
-        depth=opts.depth,
-        attn=opts.attn,
-        skips=opts.skips,
-        say=say,
-        features=w.features,
-    )
+    truth = run_truth(w.config, w.state_dict, inputs, **opts.truth_fields(), say=say, features=w.features)
 
     infer = rename is None and not cand.canonical_names
     say("candidate: loading weights" + (" and inferring its rename map" if infer else ""))
-    given = {"features": w.features} if w.features is not None else {}
-    load = cand.load(
-        w.config, w.state_dict, rules, names=truth.names, attn=opts.attn, allowed=opts.allowed, infer=infer, **given
-    )
+    load = cand.load(w.config, w.state_dict, rules, **opts.load_fields(truth.names), infer=infer, **_features(w))
     cand.to(opts.device, DTYPES[opts.dtype])  # a no-op for the shared tensors, already in place
     notes = _infer_sites(cand, load, truth, inputs, list(w.state_dict)) if infer else []
 
@@ -161,16 +140,7 @@ def compare(
     iso, prop = (runs[0], runs[1] if len(runs) > 1 else None) if truth.isolated is not None else (None, None)
     baselines, base_notes = apply_runtime_baseline(iso, prop, opts.rule) if iso is not None else ([], [])
     # Why: known-bug variants at the first site that fails in isolated mode (its input is known).
-    diagnosis = None
-    first_fail = next((r for r in runs[0] if _diagnosable(r)), None) if truth.isolated is not None else None
-    if first_fail is not None and first_fail.status == "shape":  # a token count: judged by the site's bound
-        first_fail = dataclasses.replace(first_fail, limit=opts.rule.limits(truth.isolated[first_fail.name])[0])
-    if first_fail is not None and (first_fail.name in truth.ref_in or first_fail.name in DIAGNOSED_WITHOUT_INPUT):
-        say(f"diagnosis: known-bug variants at {first_fail.name}")
-        first_fail, noise = with_baseline(first_fail, baselines, opts.rule)
-        diagnosis = diagnose_failure(
-            cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail, noise, features=w.features
-        )
+    diagnosis = _diagnosis(cand, w, opts, truth, inputs, runs, baselines, say)
 
     say("candidate: state and batch check (the same images in other batches)")
     reference = any_reference(w.config, w.state_dict, opts.attn, w.features)
@@ -201,7 +171,41 @@ def assert_parity(options: RunOptions | None = None, **kwargs: Any) -> Report:
     return report
 
 
+def _diagnosis(
+    cand: Candidate,
+    w: Weights,
+    opts: RunOptions,
+    truth: Truth,
+    inputs: ModelInputs,
+    runs: list,
+    baselines: list,
+    say: Callable,
+) -> Any:
+    """Phase "diagnosis": the known-bug variants at the first site that fails in isolated mode, or None."""
+    first_fail = next((r for r in runs[0] if _diagnosable(r)), None) if truth.isolated is not None else None
+    truths, forced = truth.isolated, True
+    if first_fail is None and w.features is not None and truth.propagated is not None:
+        # A selection bug behind a teacher-forced post_layernorm shows only end to end (PaliGemma's feature layer
+        # off by one): diagnosed at the first feature site that fails propagated, captured unforced.
+        first_fail = next((r for r in runs[-1] if _diagnosable(r) and r.name in FEATURE_SITES), None)
+        truths, forced = truth.propagated, False
+    if first_fail is None or not (first_fail.name in truth.ref_in or first_fail.name in DIAGNOSED_WITHOUT_INPUT):
+        return None
+    if first_fail.status == "shape":  # a token count: a variant must reproduce it within the site's bound
+        assert truths is not None
+        first_fail = dataclasses.replace(first_fail, limit=opts.rule.limits(truths[first_fail.name])[0])
+    say(f"diagnosis: known-bug variants at {first_fail.name}")
+    first_fail, noise = with_baseline(first_fail, baselines, opts.rule) if forced else (first_fail, 0.0)
+    return diagnose_failure(
+        cand, w.config, w.state_dict, opts.attn, truth, inputs, first_fail, noise, features=w.features, forced=forced
+    )
+
+
 DIAGNOSED_WITHOUT_INPUT = ("vision_model.embeddings", VISION_FEATURE)
+
+
+def _features(w: Weights) -> dict[str, Any]:
+    return {"features": w.features} if w.features is not None else {}
 
 
 def _diagnosable(r: Any) -> bool:
@@ -231,7 +235,14 @@ def _judged(cand: Candidate, truth: Truth, inputs: ModelInputs, opts: RunOptions
 
 def _weights(opts: RunOptions, cand: Candidate) -> Weights:
     """Phase "weights": the given `Weights`, or loaded/generated in the run's dtype (a pinned candidate's own
-    source unless one is given), checked against a pinned candidate's fingerprint and for taint."""
+    source unless one is given), checked against a pinned candidate's fingerprint and for taint; with
+    --image-features, the VLM's projector and feature path added."""
+    if opts.image_features and not cand.image_features:
+        raise InputError(
+            f"--image-features judges PyTorch candidates (a module or factory), not a {cand.kind} candidate",
+            "--image-features",
+            "judge the tower alone, or wrap the port in an nn.Module",
+        )
     pinned = cand.pinned()
     if isinstance(opts.weights, Weights):
         w = opts.weights
@@ -244,6 +255,8 @@ def _weights(opts: RunOptions, cand: Candidate) -> Weights:
                 source["revision"] = opts.revision or pinned.weights["revision"]
             seed, regime = pinned.weights["seed"], pinned.weights["synthetic"]
         w = resolve_weights(**source, seed=seed, dtype=opts.dtype, device=opts.device, synthetic=regime)
+    if opts.image_features and w.features is None:
+        w = with_image_features(w)
     if pinned is not None and fingerprint_digest(w.state_dict) != pinned.fingerprint:
         raise InputError(
             f"these weights ({w.source}) are not the ones the inputs were exported with ({pinned.weights['source']})",

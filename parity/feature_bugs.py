@@ -140,7 +140,7 @@ def projector_variants(projector: nn.Module, path: FeaturePath, x: torch.Tensor)
 
         def transposed() -> torch.Tensor:
             B, N, D = x.shape
-            side = int(round(N**0.5))
+            side = math.isqrt(N)
             t = x.view(B, side, side, D).transpose(1, 2).reshape(B, N, D)
             return proj(pixel_shuffle(t, s))
 

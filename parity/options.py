@@ -80,6 +80,14 @@ class RunOptions:
             skips=compile_patterns(self.skip_sites, "--skip-site"),
         )
 
+    def truth_fields(self) -> dict[str, Any]:
+        """What `truth.run_truth` takes from the options."""
+        return {"mode": self.mode, "depth": self.depth, "attn": self.attn, "skips": self.skips}
+
+    def load_fields(self, names: Sequence[str]) -> dict[str, Any]:
+        """What `Candidate.load` takes from the options (and the run's site names)."""
+        return {"names": names, "attn": self.attn, "allowed": self.allowed}
+
     @classmethod
     def from_args(cls, args: Any, **overrides: Any) -> RunOptions:
         """From the CLI's parsed arguments (the same names, with ``skip_site`` for ``--skip-site``)."""

@@ -69,7 +69,7 @@ def judged_run(
     def on_output(site: str, output: Any) -> None:
         if progress is not None:
             progress.done(site)
-        if site in truth.skipped:
+        if site in truth.skipped or site == PROJECTOR:  # the image features are what the candidate returns
             return
         t = first_tensor(output)
         if t is None:
@@ -97,7 +97,13 @@ def judged_run(
     for site, tensor in fallbacks.items():
         if site in names and site not in results and tensor is not None:
             results[site] = judge(site, tensor)
-            results[site].note = "from the model's output"
+            results[site].note = (
+                "the image features the candidate returns" if site == PROJECTOR else "from the model's output"
+            )
+    if PROJECTOR in names and PROJECTOR not in results and PROJECTOR not in truth.skipped:
+        results[PROJECTOR] = SiteResult(
+            PROJECTOR, status="shape", note=f"the candidate returned {type(output).__name__}, not image features"
+        )
     judged = {n for n, r in results.items() if r.status not in ("missing", "skipped")}
     for site in names:
         why = None if site in results else cand.not_exposed(site, judged)
@@ -151,13 +157,16 @@ def diagnose_failure(
     noise: float = 0.0,
     *,
     features: VlmSpec | None = None,
+    forced: bool = True,
 ) -> Diagnosis | None:
     """Capture the candidate's output at the failing site (teacher-forced, as judged) and rank the known-bug
     variants of our module for that site against it (``noise``: see `diagnose.diagnose`)."""
     site = failed.name
     cand_sites = _sites_of(cand, truth.names)
     if features is not None and (site in FEATURE_SITES or site.startswith(PROJECTOR + ".")):
-        return _diagnose_feature_site(cand, cand_sites, config, state, attn, truth, inputs, failed, noise, features)
+        return _diagnose_feature_site(
+            cand, cand_sites, config, state, attn, truth, inputs, failed, noise, features, forced
+        )
     # A port without an embeddings module: its embeddings are what its layer 0 receives (not teacher-forced).
     via_first = site == EMBEDDINGS and site not in cand_sites and FIRST_LAYER in cand_sites
     if site not in cand_sites and not via_first:
@@ -212,9 +221,10 @@ def _diagnose_feature_site(
     failed: SiteResult,
     noise: float,
     features: VlmSpec,
+    forced: bool,
 ) -> Diagnosis | None:
-    """A site past the tower: the candidate runs with every site teacher-forced (as judged) and its value at the
-    site is captured (the projector's from the model's output when it has no projector module); the
+    """A site past the tower: the candidate runs with every site teacher-forced (as judged; ``forced``) or end to
+    end, and its value at the site is captured (the projector's: the image features it returns); the
     VLM-integration variants (`feature_bugs.py`) are ranked against it."""
     site = failed.name
     captured: dict[str, torch.Tensor] = {}
@@ -227,14 +237,15 @@ def _diagnose_feature_site(
     def on_input(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return teacher_forced(name, args, kwargs, truth.ref_in, module=cand_sites[name])
 
-    cand.set_mode("isolated")
+    cand.set_mode("isolated" if forced else "propagated")
     try:
-        with torch.inference_mode(), hooks(cand_sites, on_input=on_input, on_output=on_output):
+        with torch.inference_mode(), hooks(cand_sites, on_input=on_input if forced else None, on_output=on_output):
             output = cand.forward(inputs)
     except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
         return None
-    if site not in captured and site == PROJECTOR and image_features(output) is not None:
-        captured[site] = image_features(output).detach().clone()  # type: ignore[union-attr]
+    returned = image_features(output)
+    if site == PROJECTOR and returned is not None:  # the image features are what the candidate returns
+        captured[site] = returned.detach().clone()
     if site not in captured or not isinstance(inputs, torch.Tensor):
         return None
     ours = build_ours(config, state, attn, features)

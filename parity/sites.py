@@ -28,6 +28,7 @@ __all__ = [
     "INPUT_SITES",
     "PROJECTOR",
     "SITE_CONTRACT",
+    "VISION_FEATURE",
     "Depth",
     "RenameRules",
     "SiteProgress",
@@ -39,7 +40,6 @@ __all__ = [
     "site_names",
     "teacher_forced",
     "teacher_input",
-    "VISION_FEATURE",
 ]
 
 Depth = Literal["coarse", "fine"]
@@ -93,7 +93,7 @@ def site_names(config: SiglipVisionConfig, depth: Depth = "coarse", path: Featur
     names.append(VISION_FEATURE)
     if depth == "fine" and path.family == "gemma3":
         names.append(f"{PROJECTOR}.mm_soft_emb_norm")
-    return names + [PROJECTOR]
+    return [*names, PROJECTOR]
 
 
 def apply_rename(name: str, rules: RenameRules) -> str:

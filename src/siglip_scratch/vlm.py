@@ -20,6 +20,7 @@ language model's embedding scale (transformers 4.57's ``get_image_features`` div
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,7 +173,7 @@ class Gemma3Projector(nn.Module):
 
     def __init__(self, vision: SiglipVisionConfig, text_hidden: int, tokens: int):
         super().__init__()
-        side = int(round(tokens**0.5))
+        side = math.isqrt(tokens)
         if side * side != tokens or vision.grid_size % side:
             raise ConfigError(
                 f"mm_tokens_per_image {tokens} is not a square that divides the {vision.grid_size}² patch grid",
@@ -184,7 +185,7 @@ class Gemma3Projector(nn.Module):
         self.mm_soft_emb_norm = Gemma3RMSNorm(vision.hidden_size, vision.layer_norm_eps)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        B, N, D = image_features.shape
+        B, _, D = image_features.shape
         grid = image_features.transpose(1, 2).reshape(B, D, self.grid, self.grid).contiguous()
         pooled = F.avg_pool2d(grid, self.kernel, self.kernel).flatten(2).transpose(1, 2)
         normed = self.mm_soft_emb_norm(pooled)
@@ -195,7 +196,7 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     """Idefics3's space-to-depth: ``[B, N, D]`` → ``[B, N / s², D·s²]``, each ``s × s`` block of the
     square patch grid concatenated (row of blocks first, then within a block column-major, as transformers)."""
     B, N, D = x.shape
-    side = int(round(N**0.5))
+    side = math.isqrt(N)
     x = x.view(B, side, side // scale, D * scale).permute(0, 2, 1, 3)
     x = x.reshape(B, side // scale, side // scale, D * scale * scale).permute(0, 2, 1, 3)
     return x.reshape(B, N // (scale * scale), D * scale * scale)
@@ -312,9 +313,7 @@ class SiglipImageFeatures(nn.Module):
         for layer in tower.encoder.layers[: path.last_layer + 1]:
             hidden = layer(hidden)
             states.append(hidden)
-        if path.post_layernorm:
-            return tower.post_layernorm(states[-1])
-        chosen = [states[i] for i in path.layers]
+        chosen = [tower.post_layernorm(states[i]) if path.post_layernorm else states[i] for i in path.layers]
         if path.strategy == "default":
             chosen = [s[:, 1:] for s in chosen]
         return chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=-1)

@@ -1,0 +1,219 @@
+"""--image-features: judged up to what a VLM's language model receives (issue #21).
+
+Every VLM here is built and saved by transformers itself (`vlm_fixtures.py`), under 5.x (`make test`) and 4.57.6
+(`make test-457`). The truth each verdict is checked against is computed without the harness: the full VLM's own
+``get_image_features`` read at its projector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from siglip_scratch import SiglipVisionConfig
+from siglip_scratch.parity import compare
+from siglip_scratch.parity.cli import main as parity_main
+from siglip_scratch.parity.vlm import projector_tensors
+from siglip_scratch.vlm import SiglipImageFeatures, feature_path
+
+from .conftest import assert_exact, require_transformers
+from .vlm_fixtures import FAMILIES, build_vlm, projector_output, save_vlm
+
+pytestmark = pytest.mark.transformers
+
+
+def _v5(T) -> bool:
+    return int(T.__version__.split(".")[0]) >= 5
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory):
+    """kind -> (transformers' model, its save_pretrained folder)."""
+    T = require_transformers()
+    out = {}
+    for kind in FAMILIES:
+        model = build_vlm(kind, T)
+        out[kind] = (model, save_vlm(model, tmp_path_factory.mktemp(kind.replace(" ", "_"))))
+    return out
+
+
+def _ours(folder) -> SiglipImageFeatures:
+    data = json.loads((folder / "config.json").read_text())
+    vision = SiglipVisionConfig.from_dict(data)
+    from siglip_scratch.parity.weights import resolve_weights
+
+    w = resolve_weights(weights=folder)
+    return SiglipImageFeatures.from_state_dict(
+        vision, feature_path(data, vision), {**w.state_dict, **projector_tensors(folder)}
+    )
+
+
+def _bucketed(kind: str, T) -> bool:
+    """transformers 4.57's Idefics3/SmolVLM tower buckets its position ids: not SigLIP's (see the converter note)."""
+    return kind in ("SmolVLM", "Idefics3") and not _v5(T)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_our_features_equal_the_vlm_own_get_image_features(kind, vlms, hf):
+    model, folder = vlms[kind]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    want = projector_output(model, kind, x)
+    with torch.inference_mode():
+        got = _ours(folder)(x)
+    if _bucketed(kind, hf):
+        assert not torch.equal(got, want), "4.57's bucketed positions were expected to differ"
+    else:
+        assert_exact(got, want, f"{kind}: SiglipImageFeatures vs transformers' get_image_features")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_ours_passes_image_features_against_the_vlm(kind, vlms, hf):
+    model, folder = vlms[kind]
+    report = compare(weights=str(folder), image_features=True, depth="fine")
+    names = [s.name for s in report.sites]
+    assert names[-1] == "multi_modal_projector" and "vision_feature" in names, names
+    assert report.reference["impl"].endswith(".get_image_features"), report.reference
+    if _bucketed(kind, hf):
+        # True verdict: our tower gives positions 0…N−1, 4.57's Idefics3 tower does not.
+        assert not report.passed and report.first_divergent_site == "vision_model.embeddings", report.table()
+        return
+    assert report.passed, report.table()
+    assert all(s.status == "exact" for s in report.sites), report.table()
+
+
+def test_bfloat16_paligemma_and_llava(vlms):
+    for kind in ("PaliGemma", "LLaVA"):
+        report = compare(weights=str(vlms[kind][1]), image_features=True, dtype="bfloat16", depth="coarse")
+        assert report.passed, report.table()
+
+
+# -- planted integration bugs: each fails at its site and is named --------------------------------------------
+class Planted(SiglipImageFeatures):
+    """Our features with one integration bug (``bug``), as ports have had them."""
+
+    def __init__(self, vision, path, shapes, bug: str):
+        n = path.layers[0]
+        moved = {
+            "layer-1": dataclasses.replace(path, layers=tuple(i - 1 for i in path.layers)),
+            "layer+1": dataclasses.replace(path, layers=tuple(i + 1 for i in path.layers)),
+            "post_layernorm": dataclasses.replace(path, post_layernorm=not path.post_layernorm),
+            "cls": dataclasses.replace(path, strategy="default" if path.strategy == "full" else "full"),
+        }.get(bug, path)
+        assert moved.layers[0] <= vision.num_hidden_layers, (bug, n)
+        super().__init__(vision, moved, shapes)
+        self.bug = bug
+
+    def vision_feature(self, pixel_values):
+        if self.bug == "map-head":
+            tower = self.vision_model
+            hidden = tower.embeddings(pixel_values)
+            for layer in tower.encoder.layers:
+                hidden = layer(hidden)
+            return tower.head(tower.post_layernorm(hidden))[:, None]
+        return super().vision_feature(pixel_values)
+
+    def forward(self, pixel_values):
+        x = self.vision_feature(pixel_values)
+        p = self.multi_modal_projector
+        if self.bug == "scale":
+            return p(x) / math.sqrt(self.path.text_hidden_size)
+        if self.bug == "transposed":  # LLaVA's square linear_2 read in the other layout
+            h = F.gelu(p.linear_1(x))
+            return F.linear(h, p.linear_2.weight.t(), p.linear_2.bias)
+        if self.bug == "gemma-w":
+            norm = p.mm_soft_emb_norm
+            original = norm.forward
+            norm.forward = lambda t: (
+                t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+            ).type_as(t)
+            try:
+                return p(x)
+            finally:
+                norm.forward = original
+        if self.bug == "shuffle":
+            B, N, D = x.shape
+            s = p.scale_factor
+            return p.modality_projection(x.reshape(B, N // (s * s), D * s * s))
+        return p(x)
+
+
+PLANTED = [
+    # (family, bug, the site it must fail at, words the likely cause must contain)
+    ("LLaVA", "layer-1", "vision_feature", "off by one"),
+    ("LLaVA", "layer+1", "vision_feature", "off by one"),
+    ("PaliGemma", "layer-1", "vision_feature", "off by one"),
+    ("LLaVA", "post_layernorm", "vision_feature", "post_layernorm applied"),
+    ("PaliGemma", "post_layernorm", "vision_feature", "post_layernorm not applied"),
+    ("PaliGemma", "map-head", "vision_feature", "MAP head"),
+    ("PaliGemma", "cls", "vision_feature", "CLS token"),
+    ("LLaVA", "cls", "vision_feature", "first token kept"),
+    ("PaliGemma", "scale", "multi_modal_projector", "hidden_size**-0.5"),
+    ("LLaVA", "transposed", "multi_modal_projector", "linear_2.weight transposed"),
+    ("Gemma 3", "gemma-w", "multi_modal_projector.mm_soft_emb_norm", "w instead of 1 + w"),
+    ("SmolVLM", "shuffle", "multi_modal_projector", "pixel shuffle"),
+]
+
+
+@pytest.mark.parametrize(("kind", "bug", "site", "words"), PLANTED, ids=[f"{k}-{b}" for k, b, _, _ in PLANTED])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planted_integration_bug_fails_at_its_site_and_is_named(kind, bug, site, words, dtype, vlms, hf):
+    if _bucketed(kind, hf):
+        pytest.skip("4.57's Idefics3/SmolVLM tower differs from SigLIP's at the embeddings (bucketed positions)")
+    _, folder = vlms[kind]
+    data = json.loads((folder / "config.json").read_text())
+    vision = SiglipVisionConfig.from_dict(data)
+    path = feature_path(data, vision)
+    shapes = {k[len("multi_modal_projector.") :]: tuple(v.shape) for k, v in projector_tensors(folder).items()}
+    report = compare(
+        weights=str(folder),
+        image_features=True,
+        candidate=lambda config: Planted(vision, path, shapes, bug),
+        depth="fine" if site.endswith("norm") else "coarse",
+        dtype=dtype,
+    )
+    assert not report.passed, report.table()
+    d = report.diagnosis
+    assert d is not None and d["site"] == site, (d, report.table())
+    assert d["likely_cause"] and words in d["likely_cause"], (d["likely_cause"], d["variants"][:3])
+
+
+def test_a_layer_the_vlm_deleted_kept_is_unloaded(vlms):
+    """LLaVA-OneVision's tower drops the original tower's last layer: a port that keeps it has weights for it
+    from nowhere. The run fails on the parameters the checkpoint never filled."""
+    _, folder = vlms["LLaVA-OneVision"]
+    data = json.loads((folder / "config.json").read_text())
+    vision = SiglipVisionConfig.from_dict(data)
+    bigger = dataclasses.replace(vision, num_hidden_layers=vision.num_hidden_layers + 1)
+    path = dataclasses.replace(feature_path(data, vision), layers=(bigger.num_hidden_layers,))
+    shapes = {k[len("multi_modal_projector.") :]: tuple(v.shape) for k, v in projector_tensors(folder).items()}
+    report = compare(
+        weights=str(folder), image_features=True, candidate=lambda c: SiglipImageFeatures(bigger, path, shapes)
+    )
+    assert not report.passed
+    assert any(k.startswith("vision_model.encoder.layers.3.") for k in report.unloaded_parameters), (
+        report.unloaded_parameters
+    )
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------
+def test_cli_image_features_passes_and_refuses_a_tower_in_one_line(vlms, tmp_path, capsys):
+    _, folder = vlms["PaliGemma"]
+    assert (
+        parity_main(
+            ["--weights", str(folder), "--image-features", "--depth", "coarse", "--json", str(tmp_path / "r.json")]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "PASS" in out and "multi_modal_projector" in out, out
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["reference"]["image_features"].startswith("paligemma: last_hidden_state"), record["reference"]
+    # A tower-only folder: one line, exit 2.
+    assert parity_main(["--preset", "google/siglip-base-patch16-224", "--image-features"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--image-features needs a VLM checkpoint" in err[0], err
