@@ -194,6 +194,11 @@ def _diagnosis(
     if first_fail.status == "shape":  # a token count: a variant must reproduce it within the site's bound
         assert truths is not None
         first_fail = dataclasses.replace(first_fail, limit=opts.rule.limits(truths[first_fail.name])[0])
+    if first_fail.name == VISION_FEATURE and truth.propagated is not None:
+        # Its variants are selections of the reference's hidden states end to end, and a layer past the judged
+        # sites runs unforced: the end-to-end bound is the one that holds an honest selection.
+        bound = max(first_fail.limit or 0.0, opts.rule.limits(truth.propagated[VISION_FEATURE])[0])
+        first_fail = dataclasses.replace(first_fail, limit=bound)
     say(f"diagnosis: known-bug variants at {first_fail.name}")
     first_fail, noise = with_baseline(first_fail, baselines, opts.rule) if forced else (first_fail, 0.0)
     return diagnose_failure(

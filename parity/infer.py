@@ -22,16 +22,17 @@ Every inferred rule is reported (``Report.candidate["inferred_rename"]``) and ca
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .inputs import forward_candidate, select
-from .sites import EMBEDDINGS, FIRST_LAYER, first_tensor, input_tensor
+from .sites import EMBEDDINGS, FIRST_LAYER, INPUT_SITES, PROJECTOR, VISION_FEATURE, first_tensor, input_tensor
 
 __all__ = ["format_rename_map", "infer_parameter_rules", "infer_site_rules", "rules_to_json"]
 
@@ -114,6 +115,35 @@ LAYERS = "vision_model.encoder.layers."
 
 
 def infer_parameter_rules(
+    candidate: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    partial: bool = False,
+    optional: Callable[[str], bool] | None = None,
+) -> tuple[list[Rule], str]:
+    """See `match_parameters`. ``optional``: canonical keys a candidate may lack (with --image-features, what no
+    image feature depends on: the head, the tower layers past the deepest one used, an unused post_layernorm);
+    tried without them when the full set does not match."""
+    rules, account = match_parameters(candidate, state, partial=partial)
+    if rules or optional is None or "canonical already" in account:
+        return rules, account
+    # Optional parts go by module (the head, post_layernorm, the unused layers): a port may lack any of them.
+    groups: dict[str, set[str]] = {}
+    for key in filter(optional, state):
+        layer = re.match(r"vision_model\.encoder\.layers\.\d+\.", key)
+        groups.setdefault("layers" if layer else key.split(".")[1], set()).add(key)
+    for size in range(1, len(groups) + 1):
+        for dropped in itertools.combinations(sorted(groups), size):
+            gone = set().union(*(groups[g] for g in dropped))
+            rules, narrower = match_parameters(
+                candidate, {k: t for k, t in state.items() if k not in gone}, partial=partial
+            )
+            if rules:
+                return rules, f"{narrower} (without the parts the image features do not use: {', '.join(dropped)})"
+    return [], account
+
+
+def match_parameters(
     candidate: nn.Module, state: Mapping[str, torch.Tensor], *, partial: bool = False
 ) -> tuple[list[Rule], str]:
     """(rules mapping every candidate weight key to a canonical key, a one-line account of the result).
@@ -284,10 +314,11 @@ def infer_site_rules(
     Returns (rules, the relative error of each chosen module against the reference: how sure; 0 for a site taken
     by structure)."""
     names = dict(candidate.named_modules())
-    lacking = [s for s in sites if s not in names and s in ref_out]
+    lacking = [s for s in sites if s not in names and s in ref_out and s not in INPUT_SITES]
     if not lacking:
         return [], {}
     structural = _sites_by_parameters(candidate, lacking, param_rules, state_keys)
+    projector_side = _projector_modules(candidate, param_rules) if PROJECTOR in lacking else set()
     lacking = [s for s in lacking if s not in structural]
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
@@ -315,15 +346,21 @@ def infer_site_rules(
         for h in handles:
             h.remove()
     order = {n: i for i, n in enumerate(names)}
+    started = {n: i for i, n in enumerate(inputs)}  # the order modules began running in
     has_params = {n: any(True for _ in m.parameters(recurse=False)) or len(m._modules) > 0 for n, m in names.items()}
     chosen: dict[str, str] = {}
     error: dict[str, float] = {}
     for site in lacking:
         want = ref_out[site].double()
         want_in = ref_in.get(site) if ref_in is not None and site != EMBEDDINGS else None
+        # The image features are what the candidate returns: its projector is the module fed the vision feature
+        # (the first, outermost one), needed only to read that input and teacher-force it.
+        found = outputs if site != PROJECTOR else {n: t for n, t in inputs.items() if n in projector_side}
+        if site == PROJECTOR:
+            want, want_in = ref_out[VISION_FEATURE].double(), None
         best: tuple[float, int, int, str] | None = None
-        for name, got in outputs.items():
-            err = _relative(select(pixel_values, got), want)
+        for name, got in found.items():
+            err = _relative(select(pixel_values, got), want) if site != PROJECTOR else _relative_tokens(got, want)
             if err is None:
                 continue
             if want_in is not None:
@@ -334,6 +371,8 @@ def infer_site_rules(
                 if err_in is None or err_in >= MAX_SITE_ERROR:
                     continue  # not fed what this site is fed: another computation with a similar output
             key = (err, 0 if has_params[name] else 1, order[name], name)
+            if site == PROJECTOR:  # of modules fed the same tensor (a tower block, then the projector), the last run
+                key = (err, 0, -started[name], name)
             if best is None or key < best:
                 best = key
         if best is not None and best[0] < MAX_SITE_ERROR:
@@ -380,6 +419,40 @@ def _sites_by_parameters(
         if best:
             out[site] = best
     return out
+
+
+def _projector_modules(candidate: nn.Module, rules: Sequence[Rule]) -> set[str]:
+    """Modules that may be the projector: none of their parameters maps into the tower (a tower block fed the same
+    hidden state is not the projector), and, when rules place parameters, some map into the projector."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+
+    def canonical(key: str) -> str:
+        for pattern, repl in compiled:
+            key = pattern.sub(repl, key)
+        return key
+
+    out = set()
+    for name, module in candidate.named_modules():
+        keys = [canonical(f"{name}.{k}" if name else k) for k in module.state_dict()]
+        if any(k.startswith("vision_model.") for k in keys):
+            continue
+        if not compiled or any(k.startswith(PROJECTOR + ".") for k in keys):
+            out.add(name)
+    return out
+
+
+def _relative_tokens(got: torch.Tensor, want: torch.Tensor) -> float | None:
+    """`_relative`, or with one token more or less (a CLS token assumed, or one dropped), the best alignment: the
+    module fed the vision feature is found even when its token count is the bug."""
+    if got.dim() != 3 or want.dim() != 3 or (got.shape[0], got.shape[2]) != (want.shape[0], want.shape[2]):
+        return None
+    extra = got.shape[1] - want.shape[1]
+    if extra == 0:
+        return _relative(got, want)
+    if abs(extra) != 1:
+        return None
+    longer, shorter = (got, want) if extra > 0 else (want, got)
+    return min(_relative(longer[:, 1:], shorter) or 0.0, _relative(longer[:, :-1], shorter) or 0.0)
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float | None:

@@ -97,9 +97,8 @@ def judged_run(
     for site, tensor in fallbacks.items():
         if site in names and site not in results and tensor is not None:
             results[site] = judge(site, tensor)
-            results[site].note = (
-                "the image features the candidate returns" if site == PROJECTOR else "from the model's output"
-            )
+            source = "the image features the candidate returns" if site == PROJECTOR else "from the model's output"
+            results[site].note = f"{results[site].note}; {source}" if results[site].note else source
     if PROJECTOR in names and PROJECTOR not in results and PROJECTOR not in truth.skipped:
         results[PROJECTOR] = SiteResult(
             PROJECTOR, status="shape", note=f"the candidate returned {type(output).__name__}, not image features"

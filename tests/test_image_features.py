@@ -73,7 +73,7 @@ def test_our_features_equal_the_vlm_own_get_image_features(kind, vlms, hf):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_ours_passes_image_features_against_the_vlm(kind, vlms, hf):
-    model, folder = vlms[kind]
+    _, folder = vlms[kind]
     report = compare(weights=str(folder), image_features=True, depth="fine")
     names = [s.name for s in report.sites]
     assert names[-1] == "multi_modal_projector" and "vision_feature" in names, names
@@ -217,3 +217,87 @@ def test_cli_image_features_passes_and_refuses_a_tower_in_one_line(vlms, tmp_pat
     assert parity_main(["--preset", "google/siglip-base-patch16-224", "--image-features"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--image-features needs a VLM checkpoint" in err[0], err
+
+
+# -- a port written as a user would (examples/llava_port.py): no rename map -----------------------------------
+def _port_truth(model, kind, folder, tweak) -> float:
+    """The truth without the harness: the port (weights put in by hand, by its own names) against the VLM's own
+    get_image_features, both in float64. Returns the relative RMS difference."""
+    from examples.llava_port import build
+
+    port = tweak(build(json.loads((folder / "config.json").read_text()))).double()
+    theirs = {k: v.double() for k, v in model.state_dict().items()}
+    tower = "model.vision_tower." + (
+        "" if any(k.startswith("model.vision_tower.embeddings.") for k in theirs) else "vision_model."
+    )
+    names = {
+        "tower.patchify": "embeddings.patch_embedding",
+        "tower.pos": "embeddings.position_embedding",
+        "tower.final_norm": "post_layernorm",
+    }
+    mine = {}
+    for key in port.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        if owner in names:
+            mine[key] = theirs[f"{tower}{names[owner]}.{leaf}"]
+        elif owner.startswith("tower.blocks."):
+            i, part = owner.split(".")[2], owner.split(".")[3]
+            sub = {
+                "norm1": "layer_norm1",
+                "norm2": "layer_norm2",
+                "wq": "self_attn.q_proj",
+                "wk": "self_attn.k_proj",
+                "wv": "self_attn.v_proj",
+                "wo": "self_attn.out_proj",
+                "fc1": "mlp.fc1",
+                "fc2": "mlp.fc2",
+            }[part]
+            mine[key] = theirs[f"{tower}encoder.layers.{i}.{sub}.{leaf}"]
+        else:
+            proj = {"proj_in": "linear_1", "proj_out": "linear_2", "proj": "linear"}[owner]
+            mine[key] = theirs[f"model.multi_modal_projector.{proj}.{leaf}"]
+    port.load_state_dict(mine, strict=True)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    with torch.inference_mode():
+        got = port(x)
+    want = projector_output(model.double(), kind, x)
+    model.float()
+    if got.shape != want.shape:
+        return math.inf
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
+
+
+def _late_layer(port):
+    port.layer = port.layer + 1 if port.llava else port.layer
+    return port
+
+
+def _keep_first(port):
+    port.drop_first = not port.drop_first
+    return port
+
+
+PORT_CASES = [
+    ("PaliGemma", "honest", lambda p: p),
+    ("LLaVA", "honest", lambda p: p),
+    ("LLaVA-OneVision", "honest", lambda p: p),
+    ("LLaVA", "feature layer one too late", _late_layer),
+    ("LLaVA", "first token kept", _keep_first),
+]
+
+
+@pytest.mark.parametrize(("kind", "what", "tweak"), PORT_CASES, ids=[f"{k}-{w}" for k, w, _ in PORT_CASES])
+def test_a_user_written_port_is_judged_as_the_float64_truth_says(kind, what, tweak, vlms, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent.parent))
+    model, folder = vlms[kind]
+    from examples.llava_port import build
+
+    off = _port_truth(model, kind, folder, tweak)
+    honest = off < 1e-9
+    assert honest == (what == "honest"), (what, off)
+    report = compare(weights=str(folder), image_features=True, candidate=lambda c: tweak(build(c)), depth="coarse")
+    assert report.passed == honest, report.table()
+    assert report.candidate.get("inferred_rename"), "a map was inferred (none was given)"
+    if not honest:
+        cause = (report.diagnosis or {}).get("likely_cause") or ""
+        assert ("off by one" if "layer" in what else "first token kept") in cause, report.table()

@@ -103,7 +103,8 @@ class ModuleCandidate(Candidate):
         if infer:
             # With its own loader, the rules fill what they can and the loader the rest (it runs last and wins).
             loader = callable(getattr(self.module, "load_hf_state_dict", None))
-            inferred, account = infer_parameter_rules(self.module, state, partial=loader)
+            optional = (lambda key: not features.path.uses(key)) if features is not None else None
+            inferred, account = infer_parameter_rules(self.module, state, partial=loader, optional=optional)
             rules = as_rename_rules(inferred, "inferred rename map")
         load = load_weights_into(self.module, state, rules, self.spec, allow_unloaded=allowed)
         load.inferred_parameters, load.account = inferred, account

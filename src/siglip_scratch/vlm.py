@@ -76,6 +76,18 @@ class FeaturePath:
         """The deepest encoder layer (0-based) the features depend on; -1: only the embeddings."""
         return max(self.layers) - 1
 
+    def uses(self, key: str) -> bool:
+        """Whether the image features depend on the canonical weight ``key`` (not: the head, the tower layers past
+        the deepest one selected, ``post_layernorm`` where the family does not apply it)."""
+        if key.startswith("vision_model.head."):
+            return False
+        if key.startswith("vision_model.post_layernorm."):
+            return self.post_layernorm
+        prefix = "vision_model.encoder.layers."
+        if key.startswith(prefix):
+            return int(key[len(prefix) :].split(".")[0]) <= self.last_layer
+        return True
+
     def describe(self) -> str:
         if self.post_layernorm:
             chosen = "last_hidden_state (after post_layernorm)"
