@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub branch, tag or commit")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
     p.add_argument("--no-head", action="store_true", help="drop the MAP head (vision_use_head: false)")
+    p.add_argument(
+        "--with-projector",
+        action="store_true",
+        help="a VLM source: keep its projector too, in the VLM's hub layout under its own config.json (what "
+        "transformers' VLM class and siglip-parity --image-features read); default: the vision tower alone",
+    )
     p.add_argument("--config", metavar="FILE", help="config.json to use instead of the source's or the inferred one")
     p.add_argument(
         "--hidden-act",
@@ -108,6 +114,7 @@ def _main(args: argparse.Namespace) -> int:
         hidden_act=args.hidden_act,
         full_download=args.full_download,
         keep_source=args.verify,
+        with_projector=args.with_projector,
     )
     if not args.verify:
         return EXIT_OK

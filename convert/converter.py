@@ -51,6 +51,7 @@ def convert(
     hidden_act: str | None = None,
     full_download: bool = False,
     keep_source: bool = False,
+    with_projector: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` into a vision-only safetensors folder at ``output_dir``.
 
@@ -66,6 +67,8 @@ def convert(
             reading only the vision tensors' byte ranges.
         keep_source: keep a ranged read's scratch files after returning (for ``--verify``; call
             ``result.plan.close()`` when done). Otherwise they are removed before this returns.
+        with_projector: a VLM source's projector too, every key in the VLM's hub layout, under the VLM's own
+            config.json: the folder transformers' VLM class and ``siglip-parity --image-features`` read.
     Raises:
         SiglipScratchError subclasses; on any error nothing is left at ``output_dir``.
     """
@@ -85,6 +88,7 @@ def convert(
         no_head=no_head,
         hidden_act=hidden_act,
         full_download=full_download,
+        with_projector=with_projector,
     )
     try:
         log(f"source: {plan.detected}")
@@ -140,7 +144,7 @@ def convert(
                         }
                         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                         result.files.append(write_json(tmp / "model.safetensors.index.json", index))
-                    config_dict = plan.config.to_dict()
+                    config_dict = plan.vlm_config if plan.vlm_config is not None else plan.config.to_dict()
                     result.files.append(write_json(tmp / "config.json", config_dict))
                     result.files.append(write_json(tmp / "preprocessor_config.json", plan.preprocessor))
                     inputs = [
@@ -217,7 +221,12 @@ def _record(source, plan: Plan, inputs, files: list[WrittenFile], dtype, no_head
             "layout": plan.layout,
             **{k: v for k, v in plan.provenance.items() if k != "source"},
         },
-        "options": {"dtype": dtype, "no_head": no_head, "max_shard_size": shard_limit},
+        "options": {
+            "dtype": dtype,
+            "no_head": no_head,
+            "max_shard_size": shard_limit,
+            "with_projector": plan.vlm_config is not None,
+        },
         "notes": plan.notes,
         "preprocessor": plan.preprocessor_from,
         "tensors": len(plan.tensors),

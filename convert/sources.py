@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,11 @@ from siglip_scratch.files import is_sha256, read_json
 from siglip_scratch.hub import RangedRead
 from siglip_scratch.modeling import expected_shapes
 from siglip_scratch.processor import BICUBIC, BILINEAR, Siglip2ImageProcessor, SiglipImageProcessor
+from siglip_scratch.vlm import FAMILIES, feature_path, hub_layout, vlm_key
 
 from .formats import detect
 from .stores import NpzStore, SafetensorsStore, Store, TorchPickleStore
-from .tables import Planned
+from .tables import Planned, loader
 
 __all__ = ["InputFile", "Plan", "Planned", "plan_conversion"]
 
@@ -70,6 +72,8 @@ class Plan:
     family: str = "hf"
     root: str = ""
     store: Store | None = None
+    # --with-projector: the VLM's own config.json, written instead of the tower's.
+    vlm_config: dict[str, Any] | None = None
     # Ranged hub reads land in a scratch folder that lives as long as the plan (``close`` removes it).
     scratch: Path | None = None
 
@@ -88,13 +92,17 @@ def plan_conversion(
     no_head: bool = False,
     hidden_act: str | None = None,
     full_download: bool = False,
+    with_projector: bool = False,
 ) -> Plan:
     """Detect ``source`` (hub id, HF folder, .safetensors/.bin/.pt/.npz file) and plan the output.
 
     ``hidden_act`` overrides the activation the config says (or the tanh GELU assumed for a timm or
     open_clip state dict, which carries none). A hub source's safetensors shards are read by HTTP range
     requests, only the vision tensors' bytes (see `fetch_vision_ranges`), unless ``full_download`` or
-    offline, or the shard is cached whole already."""
+    offline, or the shard is cached whole already.
+
+    ``with_projector`` (a VLM source): the projector too, and every key in the VLM's hub layout under its own
+    config.json, so that transformers' VLM class and ``siglip-parity --image-features`` read the folder."""
     if hidden_act is not None and hidden_act not in SUPPORTED_ACTIVATIONS:
         raise InputError(
             f"unsupported hidden_act {hidden_act!r}", "--hidden-act", f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
@@ -113,7 +121,7 @@ def plan_conversion(
     elif path.suffix in (".safetensors", ".npz", *PICKLE_SUFFIXES) or source.startswith((".", "/", "~")):
         raise SourceError("no such file or folder", source, "check the path")
     elif HUB_ID.match(source):
-        folder, commit, scratch = _hub_source(source, revision, full_download, inputs)
+        folder, commit, scratch = _hub_source(source, revision, full_download, inputs, with_projector)
         weights = _folder_weights(folder)
         provenance.update({"repo_id": source, "revision": revision or "main", "commit": commit})
         kind = "hub"
@@ -125,7 +133,10 @@ def plan_conversion(
             "pass a path that exists, or a hub id like google/siglip-base-patch16-224",
         )
     try:
-        plan = _plan(source, folder, weights, kind, detected, override, config_file, no_head, hidden_act, inputs)
+        also = _vlm_extra if with_projector else None
+        plan = _plan(source, folder, weights, kind, detected, override, config_file, no_head, hidden_act, inputs, also)
+        if with_projector:
+            _add_projector(plan, folder)
     except BaseException:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -138,17 +149,18 @@ def plan_conversion(
 
 
 def _hub_source(
-    repo_id: str, revision: str | None, full_download: bool, inputs: list[InputFile]
+    repo_id: str, revision: str | None, full_download: bool, inputs: list[InputFile], with_projector: bool = False
 ) -> tuple[Path, str | None, Path | None]:
     """(the folder to read, the commit, the scratch folder of a ranged read or None)."""
     from huggingface_hub import constants
 
     from siglip_scratch.hub import download_vision_checkpoint, fetch_vision_ranges
 
+    also = _vlm_extra if with_projector else None
     if not (full_download or constants.HF_HUB_OFFLINE):
         scratch = Path(tempfile.mkdtemp(prefix="siglip-convert-ranged-"))
         try:
-            folder, commit, reads = fetch_vision_ranges(repo_id, revision=revision, scratch=scratch)
+            folder, commit, reads = fetch_vision_ranges(repo_id, revision=revision, scratch=scratch, also=also)
         except LookupError:  # pickle weights only: no ranges, downloaded whole below
             shutil.rmtree(scratch, ignore_errors=True)
         except BaseException:
@@ -157,7 +169,7 @@ def _hub_source(
         else:
             inputs += [InputFile(folder / name, r.sha256, r) for name, r in reads.items()]
             return folder, commit, scratch
-    folder = download_vision_checkpoint(repo_id, revision=revision, allow_pickle=True)
+    folder = download_vision_checkpoint(repo_id, revision=revision, allow_pickle=True, also=also)
     return folder, (folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None), None
 
 
@@ -172,8 +184,9 @@ def _plan(
     no_head: bool,
     hidden_act: str | None,
     inputs: list[InputFile],
+    also: Callable[[str], bool] | None = None,
 ) -> Plan:
-    store = _open_store(weights)
+    store = _open_store(weights, also)
     known = {f.path for f in inputs}
     inputs += [InputFile(f, _hub_blob_sha256(f)) for f in store.files if f not in known]
     keys = store.keys()
@@ -243,6 +256,50 @@ def _plan(
     )
 
 
+def _add_projector(plan: Plan, folder: Path) -> None:
+    """--with-projector: the VLM's projector tensors (copied as they are), every key moved to the VLM's hub layout
+    (`vlm.hub_layout`), and its own config.json kept as the output's (``Plan.vlm_config``)."""
+    config_file = folder / "config.json"
+    data = read_json(config_file, what="config.json", error=ConfigError) if config_file.is_file() else {}
+    if not isinstance(data, dict) or data.get("model_type") not in FAMILIES:
+        raise InputError(
+            f"--with-projector needs a VLM checkpoint ({', '.join(sorted(FAMILIES))}); this source's config.json says "
+            f"model_type {data.get('model_type') if isinstance(data, dict) else None!r}",
+            str(config_file),
+            "leave --with-projector out to convert the vision tower alone",
+        )
+    path = feature_path(data, plan.config, source=str(config_file))
+    assert plan.store is not None
+    projector = sorted(k for k in plan.store.keys() if vlm_key(k) is not None)
+    if not projector:
+        raise CheckpointError(
+            "no projector tensors (multi_modal_projector.… or connector.…) in this VLM checkpoint",
+            str(plan.store.files[0]),
+            "leave --with-projector out to convert the vision tower alone",
+        )
+    store = plan.store
+    for p in plan.tensors:
+        p.key = hub_layout(path, p.key)
+    plan.tensors += [
+        Planned(
+            hub_layout(path, vlm_key(k) or k),
+            store.shape(k),
+            store.dtype(k),
+            loader(store, k),
+            store.raw(k),
+            store.where(k),
+            (k,),
+        )
+        for k in projector
+    ]
+    plan.dropped -= len(projector)
+    plan.vlm_config = data
+    plan.notes.append(
+        f"with the projector ({len(projector)} tensors) in the {data['model_type']} hub layout, under the VLM's own "
+        "config.json (no language-model weights: transformers' VLM class initialises those)"
+    )
+
+
 # -- detection -----------------------------------------------------------------------------------
 def _file_kind(path: Path) -> tuple[str, str]:
     name = path.name
@@ -274,13 +331,17 @@ def _folder_weights(folder: Path) -> Path:
     )
 
 
-def _open_store(weights: Path) -> Store:
+def _vlm_extra(key: str) -> bool:
+    return vlm_key(key) is not None
+
+
+def _open_store(weights: Path, also: Callable[[str], bool] | None = None) -> Store:
     name = weights.name
     if name.endswith(".npz"):
         return NpzStore(weights)
     if name.endswith(PICKLE_SUFFIXES) or name == BIN_INDEX:
         return TorchPickleStore(weights)
-    return SafetensorsStore(weights)
+    return SafetensorsStore(weights, also=also)
 
 
 def _hub_blob_sha256(path: Path) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +62,8 @@ class Store(abc.ABC):
 class SafetensorsStore(Store):
     """A ``.safetensors`` file, or a folder/index of shards. Headers are validated before use."""
 
-    def __init__(self, path: Path, *, vision_only: bool = True):
-        self.infos = index_checkpoint(path, vision_only=vision_only)
+    def __init__(self, path: Path, *, vision_only: bool = True, also: Callable[[str], bool] | None = None):
+        self.infos = index_checkpoint(path, vision_only=vision_only, also=also)
         self.files = sorted({i.file for i in self.infos.values()})
 
     def keys(self) -> list[str]:

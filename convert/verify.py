@@ -30,6 +30,7 @@ from siglip_scratch.errors import ConfigError
 from siglip_scratch.files import read_json
 from siglip_scratch.modeling import Siglip2VisionModel, SiglipVisionModel
 from siglip_scratch.processor import Siglip2ImageProcessor
+from siglip_scratch.vlm import vlm_key
 
 from .formats import by_family
 from .sources import Plan
@@ -85,17 +86,26 @@ def _check_native(folder: Path, plan: Plan, source) -> tuple[bool, list[str]]:
     return True, [f"{head}: PASS: every leaf reproduces the source (≤ {SOURCE_RTOL:g} relative)"]
 
 
+def _same_tensor(out_key: str, src_key: str) -> bool:
+    """Whether an output key and its source key name the same tensor in two layouts: the projector's by its
+    canonical name, the tower's by what follows ``vision_model.`` (the output is canonical, or a VLM's hub layout
+    with --with-projector; the projector and image_newline by their canonical names)."""
+    if vlm_key(out_key) is not None or vlm_key(src_key) is not None:
+        return vlm_key(out_key) == vlm_key(src_key)
+    suffix = out_key.split("vision_model.", 1)[1]
+    return src_key == suffix or src_key.endswith("." + suffix)
+
+
 def _check_hf(folder: Path, plan: Plan, out_dtype: torch.dtype | None) -> tuple[bool, list[str]]:
     from safetensors import safe_open
 
     from siglip_scratch.checkpoint import index_checkpoint, load_tensors
 
-    ours = load_tensors(index_checkpoint(folder, vision_only=True))
+    ours = load_tensors(index_checkpoint(folder, vision_only=plan.vlm_config is None))
     failures = []
     for p in plan.tensors:
         (src_key,) = p.sources
-        suffix = p.key[len("vision_model.") :]
-        if not (src_key == suffix or src_key.endswith("." + suffix)):
+        if not _same_tensor(p.key, src_key):
             failures.append(f"{p.key} came from {src_key!r}, which is not the same tensor in another layout")
             continue
         file = str(p.raw.file) if p.raw is not None else ""
@@ -139,6 +149,9 @@ def verify_output(
     ):
         ok, line = _verify_naflex(folder)
         return passed and ok, "\n".join([*lines, line])
+    if plan is not None and plan.vlm_config is not None:
+        ok, line = _verify_image_features(folder, plan.vlm_config, dtype, progress)
+        return passed and ok, "\n".join([*lines, line])
     try:
         import transformers
     except ImportError:
@@ -165,6 +178,42 @@ def verify_output(
     if bad:
         lines.append(f"verify: transformers.SiglipVisionModel.from_pretrained reported {bad}")
     return passed and report.passed and not bad, "\n".join(lines)
+
+
+def _verify_image_features(
+    folder: Path, vlm_config: dict, dtype: str, progress: Callable[[str], None] | None
+) -> tuple[bool, str]:
+    """--with-projector: transformers' own VLM class loads the folder with nothing missing but its language model,
+    and the harness judges our features against its get_image_features (--image-features)."""
+    try:
+        import transformers
+    except ImportError:
+        return (
+            True,
+            'verify: transformers is not installed, so the image features were not checked (pip install "siglip-scratch[parity]")',
+        )
+    from siglip_scratch.parity import compare
+
+    transformers.utils.logging.disable_progress_bar()
+    cls = getattr(transformers, (vlm_config.get("architectures") or ["AutoModelForImageTextToText"])[0])
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report lists the language model we left out
+    try:
+        info = cls.from_pretrained(folder, output_loading_info=True)[1]
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    language = ("language_model", "text_model", "lm_head")
+    bad = {
+        k: [x for x in v if not any(part in x for part in language)]
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    report = compare(weights=folder, dtype=dtype, batch=2, image_features=True, progress=progress)
+    line = f"verify: image features of the output against transformers.{cls.__name__}: {report.verdict}"
+    if bad:
+        line += f"\nverify: transformers.{cls.__name__}.from_pretrained reported, besides the language model, {bad}"
+    return report.passed and not bad, line
 
 
 def naflex_probe_inputs(patch_size: int, max_num_patches: int) -> dict[str, torch.Tensor]:

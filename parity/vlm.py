@@ -28,13 +28,12 @@ from siglip_scratch.checkpoint import index_checkpoint, load_tensors
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import ConfigError, InputError
 from siglip_scratch.files import read_json
-from siglip_scratch.vlm import FeaturePath, feature_path
+from siglip_scratch.vlm import FeaturePath, feature_path, projector_key
 
 from .reference import rebuild_position_ids
 from .weights import Weights
 
 __all__ = [
-    "PROJECTOR_PREFIXES",
     "VlmSpec",
     "build_features_reference",
     "features_canonical",
@@ -42,10 +41,6 @@ __all__ = [
     "read_vlm_spec",
     "with_image_features",
 ]
-
-# How the projector is stored: 4.57 and the hub (multi_modal_projector.…), 5.x (model.multi_modal_projector.…),
-# Idefics3/SmolVLM (connector.… / model.connector.…). All map to canonical ``multi_modal_projector.…``.
-PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.", "model.connector.", "connector.")
 
 
 @dataclass(frozen=True)
@@ -84,12 +79,7 @@ def read_vlm_spec(folder: str | Path, vision: SiglipVisionConfig) -> VlmSpec:
 
 def projector_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """The projector's tensors of a VLM folder, canonical ``multi_modal_projector.…`` keys (mapped, not copied)."""
-    infos = index_checkpoint(folder)
-    found = {}
-    for key, info in infos.items():
-        prefix = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
-        if prefix is not None:
-            found["multi_modal_projector." + key[len(prefix) :]] = info
+    found = {name: info for key, info in index_checkpoint(folder).items() if (name := projector_key(key)) is not None}
     if not found:
         raise InputError(
             "no projector tensors (multi_modal_projector.… or connector.…) in this checkpoint",

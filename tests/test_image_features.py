@@ -301,3 +301,86 @@ def test_a_user_written_port_is_judged_as_the_float64_truth_says(kind, what, twe
     if not honest:
         cause = (report.diagnosis or {}).get("likely_cause") or ""
         assert ("off by one" if "layer" in what else "first token kept") in cause, report.table()
+
+
+# -- siglip-convert --with-projector -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["PaliGemma", "Gemma 3", "LLaVA-OneVision", "SmolVLM"])
+def test_with_projector_folder_is_read_by_transformers_vlm_and_judged(kind, vlms, tmp_path, capsys, hf):
+    from siglip_scratch.convert.cli import main as convert_main
+
+    model, folder = vlms[kind]
+    assert convert_main([str(folder), str(tmp_path / "out"), "--with-projector", "--verify", "--quiet"]) == 0, (
+        capsys.readouterr()
+    )
+    out = capsys.readouterr().out
+    assert "verify: image features of the output against transformers." in out and "PASS" in out, out
+    # transformers' own VLM class reads it: nothing missing but the language model, the same image features.
+    verbosity = hf.utils.logging.get_verbosity()
+    hf.utils.logging.set_verbosity_error()
+    try:
+        loaded, info = type(model).from_pretrained(tmp_path / "out", output_loading_info=True)
+    finally:
+        hf.utils.logging.set_verbosity(verbosity)
+    lm = ("language_model", "text_model", "lm_head")
+    assert not [k for k in info["missing_keys"] if not any(p in k for p in lm)], info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    want, got = projector_output(model, kind, x), projector_output(loaded.eval(), kind, x)
+    if not _bucketed(kind, hf):
+        assert_exact(got, want, f"{kind}: features of the --with-projector folder")
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["options"]["with_projector"] is True
+    # The default stays vision-only: no projector, a tower config.
+    assert convert_main([str(folder), str(tmp_path / "tower"), "--quiet"]) == 0
+    keys = json.loads((tmp_path / "tower" / "conversion.json").read_text())["tensors"]
+    assert keys < record["tensors"]
+    assert "vision_config" not in json.loads((tmp_path / "tower" / "config.json").read_text())
+
+
+def test_with_projector_refuses_a_tower_in_one_line(tmp_path, capsys):
+    from siglip_scratch import SiglipVisionModel
+    from siglip_scratch.config import TINY_CONFIG
+    from siglip_scratch.convert.cli import main as convert_main
+
+    SiglipVisionModel.from_config(TINY_CONFIG).save_pretrained(tmp_path / "tower")
+    assert convert_main([str(tmp_path / "tower"), str(tmp_path / "out"), "--with-projector"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--with-projector needs a VLM checkpoint" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.hub
+def test_with_projector_from_the_hub_fetches_tower_and_projector_bytes_only(vlms, tmp_path):
+    """A VLM sharded so that tower, projector and language model share shards, served by a hub on 127.0.0.1:
+    exactly the headers and the tower's and projector's byte ranges are fetched, never a language-model byte."""
+    from siglip_scratch.checkpoint import read_safetensors_header
+
+    from .hubserver import FakeHub
+    from .test_convert import run_cli
+
+    model, _ = vlms["LLaVA"]
+    src = tmp_path / "sharded"
+    model.save_pretrained(src, max_shard_size="40KB")
+    hub = FakeHub().start()
+    try:
+        repo = "someone/tiny-llava"
+        hub.add_repo(repo, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()})
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0"}
+        proc = run_cli(repo, str(tmp_path / "out"), "--with-projector", "--quiet", env=env)
+        assert proc.returncode == 0, proc.stderr
+        for shard in sorted(src.glob("*.safetensors")):
+            tensors, _ = read_safetensors_header(shard)
+            wanted = [t for k, t in tensors.items() if "vision_tower" in k or "multi_modal_projector" in k]
+            header = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+            expected = header + sum(t.end - t.start for t in wanted) if wanted else 0
+            assert hub.bytes_served(repo, shard.name) == expected, (
+                shard.name,
+                hub.bytes_served(repo, shard.name),
+                expected,
+            )
+    finally:
+        hub.stop()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert any(k.startswith("multi_modal_projector.") for k in f.keys())

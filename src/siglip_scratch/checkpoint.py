@@ -13,7 +13,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +204,9 @@ def folder_safetensors(folder: Path) -> Path | None:
     return singles[0] if len(singles) == 1 else None
 
 
-def index_checkpoint(path: str | os.PathLike[str], *, vision_only: bool = False) -> dict[str, TensorInfo]:
+def index_checkpoint(
+    path: str | os.PathLike[str], *, vision_only: bool = False, also: Callable[[str], bool] | None = None
+) -> dict[str, TensorInfo]:
     """The tensors of a checkpoint: a ``.safetensors`` file, or a folder with ``model.safetensors`` or
     a sharded ``model.safetensors.index.json``.
 
@@ -212,18 +214,20 @@ def index_checkpoint(path: str | os.PathLike[str], *, vision_only: bool = False)
         path: the file or folder.
         vision_only: for a sharded checkpoint, list only keys that are not dropped by `PREFIX_RULES`
             and open only their shards (a text-tower or language-model shard is never read and
-            need not be on disk).
+            need not be on disk). ``also``: keys kept beside the vision ones (a VLM's projector).
     """
     path = Path(path)
     if path.is_file():
         if path.name.endswith(".index.json"):
-            return _index_sharded(path, vision_only)
+            return _index_sharded(path, vision_only, also)
         return read_safetensors_header(path)[0]
     if not path.is_dir():
         raise SourceError("no such file or folder", str(path), "check the path")
     found = folder_safetensors(path)
     if found is not None:
-        return _index_sharded(found, vision_only) if found.name == INDEX_NAME else read_safetensors_header(found)[0]
+        return (
+            _index_sharded(found, vision_only, also) if found.name == INDEX_NAME else read_safetensors_header(found)[0]
+        )
     raise SourceError(
         f"no {WEIGHTS_NAME} or {INDEX_NAME} found",
         str(path),
@@ -231,12 +235,12 @@ def index_checkpoint(path: str | os.PathLike[str], *, vision_only: bool = False)
     )
 
 
-def _index_sharded(index_file: Path, vision_only: bool) -> dict[str, TensorInfo]:
+def _index_sharded(index_file: Path, vision_only: bool, also: Callable[[str], bool] | None) -> dict[str, TensorInfo]:
     weight_map = read_index(index_file)
     wanted = set(weight_map)
     if vision_only:
         _, dropped, _ = map_vision_keys(weight_map)
-        wanted -= set(dropped)
+        wanted -= {k for k in dropped if also is None or not also(k)}
     shards = sorted({weight_map[k] for k in wanted})
     out: dict[str, TensorInfo] = {}
     for shard in shards:

@@ -14,6 +14,7 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,13 +184,15 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, option
     )
 
 
-def download_vision_checkpoint(repo_id: str, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
+def download_vision_checkpoint(
+    repo_id: str, *, revision: str | None = None, allow_pickle: bool = False, also: Callable[[str], bool] | None = None
+) -> Path:
     """Fetch config, preprocessor config and the weight files that hold vision tensors.
 
     safetensors first: for a sharded repo the index is read and only the shards holding vision
     tensors are fetched. With ``allow_pickle``, a repo without safetensors falls back to
     ``pytorch_model.bin`` (or its index), which callers must read with ``weights_only=True``.
-    Returns the snapshot folder (inside the hub cache).
+    ``also``: more keys whose shards to fetch (a VLM's projector). Returns the snapshot folder (in the hub cache).
     """
     config = hub_file(repo_id, "config.json", revision=revision)
     assert config is not None
@@ -202,7 +205,8 @@ def download_vision_checkpoint(repo_id: str, *, revision: str | None = None, all
         if index is not None:
             weight_map = read_index(index)
             mapping, _, _ = map_vision_keys(weight_map)
-            for shard in sorted({weight_map[src].name for src in mapping.values()}):
+            extra = [k for k in weight_map if also is not None and also(k)]
+            for shard in sorted({weight_map[src].name for src in [*mapping.values(), *extra]}):
                 hub_file(repo_id, shard, revision=revision)
             return config.parent
         if hub_file(repo_id, single_name, revision=revision, optional=True) is not None:
@@ -385,7 +389,7 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def fetch_vision_ranges(
-    repo_id: str, *, revision: str | None, scratch: Path
+    repo_id: str, *, revision: str | None, scratch: Path, also: Callable[[str], bool] | None = None
 ) -> tuple[Path, str | None, dict[str, RangedRead]]:
     """Fetch a safetensors repo's vision tensors by HTTP range requests, not whole shards.
 
@@ -395,7 +399,8 @@ def fetch_vision_ranges(
     open_clip file), into a sparse file of the shard's true size in ``scratch``. Whole shards already
     in the cache are used as they are. Returns (a folder laid out like the snapshot, the commit, what
     was fetched per ranged file). Repos with only pickle weights raise ``LookupError`` (a pickle
-    cannot be read in ranges: the caller downloads them whole).
+    cannot be read in ranges: the caller downloads them whole). ``also``: more source keys to fetch (a VLM's
+    projector for ``siglip-convert --with-projector``).
     """
     from huggingface_hub import hf_hub_url, try_to_load_from_cache
 
@@ -411,7 +416,8 @@ def fetch_vision_ranges(
         files.append(index)
         weight_map = read_index(index)
         mapping, _, _ = map_vision_keys(weight_map)
-        shards = sorted({weight_map[src].name for src in mapping.values()})
+        extra = [k for k in weight_map if also is not None and also(k)]
+        shards = sorted({weight_map[src].name for src in [*mapping.values(), *extra]})
     else:
         shards = [WEIGHTS_NAME]
     for f in files:
@@ -447,7 +453,8 @@ def fetch_vision_ranges(
             _fetch_range(url, 8, 8 + n, sink, read, where)
         tensors, _ = read_safetensors_header(path)
         kept, _, _ = map_vision_keys(tensors)
-        wanted = [tensors[k] for k in (kept.values() if kept else tensors)]
+        extra = [k for k in tensors if also is not None and also(k)]
+        wanted = [tensors[k] for k in ([*kept.values(), *extra] if kept else tensors)]
         with open(path, "r+b") as sink:
             for a, b in _merge([(t.start, t.end) for t in wanted if t.end > t.start]):
                 _fetch_range(url, a, b, sink, read, where)

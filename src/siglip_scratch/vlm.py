@@ -35,11 +35,15 @@ from .model import AttnImplementation, SiglipVisionTransformer
 
 __all__ = [
     "FAMILIES",
+    "PROJECTOR_PREFIXES",
     "FeaturePath",
     "SiglipImageFeatures",
     "build_projector",
     "feature_path",
+    "hub_layout",
     "pixel_shuffle",
+    "projector_key",
+    "vlm_key",
 ]
 
 # model_type -> (family, class defaults of the fields that select and project)
@@ -53,6 +57,39 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "smolvlm": ("idefics3", {"scale_factor": 2}),
 }
 LLAVA_PROJECTOR = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True}
+# How a VLM stores its projector: 4.57 and the hub (multi_modal_projector.…), 5.x (model.multi_modal_projector.…),
+# Idefics3/SmolVLM (connector.… / model.connector.…). All read as canonical ``multi_modal_projector.…``.
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.", "model.connector.", "connector.")
+
+
+def projector_key(key: str) -> str | None:
+    """A VLM checkpoint key's canonical projector name (``multi_modal_projector.…``), or None if not the projector's."""
+    prefix = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
+    return None if prefix is None else "multi_modal_projector." + key[len(prefix) :]
+
+
+def vlm_key(key: str) -> str | None:
+    """A VLM checkpoint key that ``--with-projector`` keeps beside the tower, canonically named: the projector's
+    (`projector_key`), and LLaVA-NeXT/-OneVision's ``image_newline`` (the token appended after each image's
+    features); None for anything else."""
+    if key in ("image_newline", "model.image_newline"):
+        return "image_newline"
+    return projector_key(key)
+
+
+def hub_layout(path: FeaturePath, canonical: str) -> str:
+    """Where a canonical tower or projector key goes in the VLM's hub layout (what transformers 4.57 writes and
+    every version reads): ``vision_tower.vision_model.…`` and ``multi_modal_projector.…``; Idefics3/SmolVLM:
+    ``model.vision_model.…`` and ``model.connector.…``."""
+    idefics = path.family == "idefics3"
+    if canonical == "image_newline":
+        return canonical
+    if canonical.startswith("multi_modal_projector."):
+        return ("model.connector." if idefics else "multi_modal_projector.") + canonical[
+            len("multi_modal_projector.") :
+        ]
+    assert canonical.startswith("vision_model."), canonical
+    return ("model." if idefics else "vision_tower.") + canonical
 
 
 @dataclass(frozen=True)
