@@ -31,6 +31,7 @@ from .compare import compare
 from .golden import GOLDEN_CASES, run_golden
 from .preprocess import processor_for_source
 from .reference import transformers_version
+from .vlm import with_image_features
 from .weights import Weights, resolve_weights
 
 PRESETS = (
@@ -38,7 +39,11 @@ PRESETS = (
     "google/siglip-so400m-patch14-384",
     "google/siglip2-base-patch16-224",
     "google/siglip2-base-patch16-naflex",
+    # Image features (--image-features): transformers' VLM get_image_features as the reference, up to the projector.
+    "google/paligemma-3b-pt-224",
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
 )
+VLM_SUITE = ("google/paligemma-3b-pt-224", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
 NAFLEX_BATCH = 3  # NaFlex runs take at least 3 images of different aspect ratios: a padded batch of 3 grids
 # preset -> runs of (dtype, attn, mode, depth, use generated images); "both" = isolated and
 # propagated in one run. so400m-384 costs ~50 s a run on 2 cores (two float64 oracle passes), so it
@@ -56,6 +61,9 @@ RUNS = {
     "google/siglip2-base-patch16-224": (("float32", "sdpa", "both", "coarse", True),),
     # SigLIP 2 NaFlex: transformers.Siglip2VisionModel as the reference, padding rows not measured.
     "google/siglip2-base-patch16-naflex": (("float32", "sdpa", "both", "fine", False),),
+    # so400m towers (27 and 26 layers): one coarse float32 run each (~40 s and ~80 s on 2 cores).
+    "google/paligemma-3b-pt-224": (("float32", "sdpa", "both", "coarse", False),),
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": (("float32", "sdpa", "both", "coarse", False),),
 }
 DEFAULT_RUNS = RUNS["google/siglip-base-patch16-224"]
 
@@ -168,7 +176,8 @@ def _main(args: argparse.Namespace) -> int:
     n_rows = 0
     t_start = time.perf_counter()
     print(
-        "siglip-parity suite: reference transformers.SiglipVisionModel (Siglip2VisionModel for NaFlex), candidate siglip_scratch, "
+        "siglip-parity suite: reference transformers.SiglipVisionModel (Siglip2VisionModel for NaFlex; the VLM's own "
+        "get_image_features for image features), candidate siglip_scratch, "
         "each site judged against a float64 oracle, isolated and propagated",
         flush=True,
     )
@@ -209,6 +218,8 @@ def _main(args: argparse.Namespace) -> int:
                     if say is not None:
                         say(f"weights for {preset.split('/')[-1]} in {dtype}")
                     weights = load_weights(preset, dtype, seed=0)
+                    if preset in VLM_SUITE:  # its projector too: read from the cached VLM, or drawn at its shapes
+                        weights = with_image_features(weights, preset=preset, seed=0)
                     kind = "synthetic" if weights.synthetic else "real"
                     kinds[preset] = f"{kind} ({weights.source})"
                     for run_dtype, attn, mode, depth, use_images in runs:
@@ -233,8 +244,10 @@ def _main(args: argparse.Namespace) -> int:
                         )
                         failed |= not report.passed
                         reports.append((preset, report))
-                        label = f"{dtype}, {attn}, {mode}/{depth}, " + (
-                            "generated images" if use_images else f"random×{report.inputs['batch']}"
+                        label = (
+                            ("image features, " if preset in VLM_SUITE else "")
+                            + f"{dtype}, {attn}, {mode}/{depth}, "
+                            + ("generated images" if use_images else f"random×{report.inputs['batch']}")
                         )
                         ratios = [s.ratio for s in report.all_sites if s.ratio is not None]
                         worst = max(ratios) if ratios else float("nan")

@@ -28,7 +28,7 @@ from siglip_scratch.checkpoint import index_checkpoint, load_tensors
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import ConfigError, InputError
 from siglip_scratch.files import read_json
-from siglip_scratch.vlm import FeaturePath, feature_path, projector_key
+from siglip_scratch.vlm import VLM_PRESETS, FeaturePath, feature_path, projector_key, synthetic_projector, vlm_preset
 
 from .reference import rebuild_position_ids
 from .weights import Weights
@@ -123,16 +123,32 @@ class FeaturesReference(nn.Module):
                 kwargs["batch_num_images"] = torch.tensor([B])
         if model_type in ("idefics3", "smolvlm"):
             pixel_values = pixel_values[:, None]  # [B, images per sample, C, H, W]
-        # The image features are the projector's output, [B, tokens, D_text]: what get_image_features does after
-        # it (4.57's PaliGemma ÷√D_text, LLaVA-NeXT/-OneVision's split and newline packing) is past the last site.
+        # The image features are the projector's output, [B, tokens, D_text]: get_image_features stops there (what
+        # it does after it, 4.57's PaliGemma ÷√D_text, LLaVA-NeXT/-OneVision's split and newline packing, is past
+        # the last site and needs a patch count per image this one-crop input does not have).
         captured: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            captured.append(out)
+            raise _AtProjector
+
         projector = getattr(self.vlm, "multi_modal_projector", None) or self.vlm.connector
-        handle = projector.register_forward_hook(lambda mod, args, out: captured.append(out))
+        handle = projector.register_forward_hook(stop)  # after the harness's hooks, which run first
         try:
             self.vlm.get_image_features(pixel_values, **kwargs)
+        except _AtProjector:
+            pass
         finally:
             handle.remove()
+        if not captured:
+            raise InputError(
+                f"{self.spec.class_name}.get_image_features never ran its projector", "reference", "report this"
+            )
         return captured[0]
+
+
+class _AtProjector(Exception):
+    """Raised by the reference's last hook: the image features are in hand."""
 
 
 def _gemma_rms_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -192,15 +208,23 @@ def build_features_reference(
     return FeaturesReference(vlm, spec).eval()
 
 
-def with_image_features(w: Weights) -> Weights:
-    """``w`` with the VLM's projector tensors (read from its folder, in ``w``'s dtype and device) and its spec."""
-    if w.folder is None:
-        raise InputError(
-            "--image-features needs a VLM checkpoint (--weights VLM_FOLDER or --model VLM_ID)",
-            w.source,
-            "synthetic presets are towers only; judge a tower without --image-features",
-        )
-    spec = read_vlm_spec(w.folder, w.config)
+def with_image_features(w: Weights, *, preset: str | None = None, seed: int = 0) -> Weights:
+    """``w`` with the VLM's projector tensors and feature path: read from its folder (in ``w``'s dtype and device),
+    or, for synthetic weights of a preset with a VLM preset (`siglip_scratch.vlm.VLM_PRESETS`), drawn
+    deterministically at its shapes."""
     like = next(iter(w.state_dict.values()))
-    projector = {k: v.to(device=like.device, dtype=like.dtype) for k, v in projector_tensors(w.folder).items()}
+    if w.synthetic and preset is not None:
+        data = vlm_preset(preset, w.config)
+        spec = VlmSpec(data, feature_path(data, w.config, source=f"preset {preset}"), f"preset {preset}")
+        projector = synthetic_projector(spec.path, w.config, data, seed=seed, dtype=like.dtype)
+    elif w.folder is not None:
+        spec = read_vlm_spec(w.folder, w.config)
+        projector = projector_tensors(w.folder)
+    else:
+        raise InputError(
+            "--image-features needs a VLM checkpoint (--weights VLM_FOLDER, --model VLM_ID) or a VLM preset",
+            w.source,
+            f"VLM presets: {', '.join(sorted(VLM_PRESETS))}",
+        )
+    projector = {k: v.to(device=like.device, dtype=like.dtype) for k, v in projector.items()}
     return dataclasses.replace(w, state_dict={**w.state_dict, **projector}, features=spec)

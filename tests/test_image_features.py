@@ -21,6 +21,7 @@ from siglip_scratch.parity.cli import main as parity_main
 from siglip_scratch.parity.vlm import projector_tensors
 from siglip_scratch.vlm import SiglipImageFeatures, feature_path
 
+from .catalogue import covers
 from .conftest import assert_exact, require_transformers
 from .vlm_fixtures import FAMILIES, build_vlm, projector_output, save_vlm
 
@@ -159,6 +160,7 @@ PLANTED = [
 ]
 
 
+@covers("P22")
 @pytest.mark.parametrize(("kind", "bug", "site", "words"), PLANTED, ids=[f"{k}-{b}" for k, b, _, _ in PLANTED])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_planted_integration_bug_fails_at_its_site_and_is_named(kind, bug, site, words, dtype, vlms, hf):
@@ -201,6 +203,7 @@ def test_a_layer_the_vlm_deleted_kept_is_unloaded(vlms):
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------
+@covers("P20")
 def test_cli_image_features_passes_and_refuses_a_tower_in_one_line(vlms, tmp_path, capsys):
     _, folder = vlms["PaliGemma"]
     assert (
@@ -339,6 +342,7 @@ def test_with_projector_folder_is_read_by_transformers_vlm_and_judged(kind, vlms
     assert "vision_config" not in json.loads((tmp_path / "tower" / "config.json").read_text())
 
 
+@covers("C14")
 def test_with_projector_refuses_a_tower_in_one_line(tmp_path, capsys):
     from siglip_scratch import SiglipVisionModel
     from siglip_scratch.config import TINY_CONFIG
@@ -386,3 +390,32 @@ def test_with_projector_from_the_hub_fetches_tower_and_projector_bytes_only(vlms
 
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert any(k.startswith("multi_modal_projector.") for k in f.keys())
+
+
+@covers("P20", "P21")
+def test_image_features_refusals_are_one_line(vlms, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from siglip_scratch.errors import ConfigError, InputError
+    from siglip_scratch.parity.candidates import open_candidate
+
+    _, folder = vlms["LLaVA"]
+    # A VLM folder without its projector (a vision-only conversion under the VLM's config.json).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if "multi_modal_projector" not in k}, str(bare / "model.safetensors"))
+    with pytest.raises(InputError, match="no projector tensors"):
+        compare(weights=str(bare), image_features=True)
+    # A VLM family we do not know.
+    with pytest.raises(ConfigError, match="not a VLM with a SigLIP tower whose image features we know"):
+        feature_path({"model_type": "blip_2"}, SiglipVisionConfig())
+
+    # A candidate that is not PyTorch (an ONNX graph, activation files): refused before any weight is read.
+    class NotTorch(type(open_candidate(None))):
+        kind = "onnx"
+        image_features = False
+
+    with pytest.raises(InputError, match="judges PyTorch candidates"):
+        compare(weights=str(folder), image_features=True, candidate=NotTorch())

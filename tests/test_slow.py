@@ -39,8 +39,8 @@ def test_the_parity_suite_passes(capsys, tmp_path, hf):
     captured = capsys.readouterr()
     out = captured.out
     # One line as each comparison starts (with an ETA after the first), and per site group lines within them.
-    progress = [line for line in captured.err.splitlines() if re.search(r"\] \d+/8 ", line)]
-    assert len(progress) == 8 and "1/8 " in progress[0] and all("ETA" in line for line in progress[1:]), progress
+    progress = [line for line in captured.err.splitlines() if re.search(r"\] \d+/10 ", line)]
+    assert len(progress) == 10 and "1/10 " in progress[0] and all("ETA" in line for line in progress[1:]), progress
     stamps = [float(m.group(1)) for m in re.finditer(r"^\[\s*(\d+)s\]", captured.err, re.M)]
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert max(gaps) <= 10, f"a silent stretch of {max(gaps)} s on stderr"
@@ -48,11 +48,13 @@ def test_the_parity_suite_passes(capsys, tmp_path, hf):
     assert "golden fingerprints hold" in out, out
     runs_md = (tmp_path / "reports" / "suite.md").read_text().split("\n## ")
     headings = [h.splitlines()[0] for h in runs_md[1:] if not h.startswith("Golden")]
-    assert len(headings) == len(set(headings)) == 8, headings
-    rows = [line for line in out.splitlines() if line.startswith(("siglip-", "siglip2-")) and " both/" in line]
-    assert len(rows) == 8 and all((" synthetic " in r or " real " in r) for r in rows), out
+    assert len(headings) == len(set(headings)) == 10, headings
+    assert sum("image features" in h for h in headings) == 2, headings  # PaliGemma and LLaVA-OneVision
+    starts = ("siglip-", "siglip2-", "paligemma-", "llava-")
+    rows = [line for line in out.splitlines() if line.startswith(starts) and " both/" in line]
+    assert len(rows) == 10 and all((" synthetic " in r or " real " in r) for r in rows), out
     runs = json.loads((tmp_path / "reports" / "suite.json").read_text())
-    assert runs["passed"] is True and len(runs["runs"]) == 8
+    assert runs["passed"] is True and len(runs["runs"]) == 10
     assert runs["golden"] and all(g["holds"] for g in runs["golden"]), runs["golden"]
     assert all(r["report"]["passed"] for r in runs["runs"])
     assert (tmp_path / "reports" / "suite.md").read_text().startswith("# make parity: PASS")

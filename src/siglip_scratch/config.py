@@ -328,6 +328,10 @@ PRESETS: dict[str, SiglipVisionConfig] = {
     "google/paligemma-3b-pt-224": _base(224, patch_size=14, vision_use_head=False, **_SO400M),
     "google/paligemma-3b-pt-448": _base(448, patch_size=14, vision_use_head=False, **_SO400M),
     "google/paligemma-3b-pt-896": _base(896, patch_size=14, vision_use_head=False, **_SO400M),
+    # LLaVA-OneVision's so400m-384 tower has its last layer deleted (26 of 27) and no head.
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": _base(
+        384, patch_size=14, vision_use_head=False, **{**_SO400M, "num_hidden_layers": 26}
+    ),
 }
 
 # SigLIP 2, fixed resolution: the SigLIP architecture (model_type "siglip", a conv patch embedding and a

@@ -36,6 +36,7 @@ from .model import AttnImplementation, SiglipVisionTransformer
 __all__ = [
     "FAMILIES",
     "PROJECTOR_PREFIXES",
+    "VLM_PRESETS",
     "FeaturePath",
     "SiglipImageFeatures",
     "build_projector",
@@ -43,7 +44,9 @@ __all__ = [
     "hub_layout",
     "pixel_shuffle",
     "projector_key",
+    "synthetic_projector",
     "vlm_key",
+    "vlm_preset",
 ]
 
 # model_type -> (family, class defaults of the fields that select and project)
@@ -90,6 +93,85 @@ def hub_layout(path: FeaturePath, canonical: str) -> str:
         ]
     assert canonical.startswith("vision_model."), canonical
     return ("model." if idefics else "vision_tower.") + canonical
+
+
+# The VLM around a tower preset (`config.PRESETS`, same hub id): what its config.json says besides the tower, for
+# deterministic synthetic image features at the real shapes (``--preset ID --image-features``, ``make parity``).
+VLM_PRESETS: dict[str, dict[str, Any]] = {
+    "google/paligemma-3b-pt-224": {
+        "model_type": "paligemma",
+        "projection_dim": 2048,
+        "vision_config": {"projection_dim": 2048},
+        "text_config": {
+            "model_type": "gemma",
+            "hidden_size": 2048,
+            "intermediate_size": 16384,
+            "num_hidden_layers": 18,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "vocab_size": 257216,
+        },
+    },
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": {
+        "model_type": "llava_onevision",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "text_config": {
+            "model_type": "qwen2",
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "vocab_size": 152000,
+        },
+    },
+}
+
+
+def vlm_preset(preset: str, vision: SiglipVisionConfig) -> dict[str, Any]:
+    """The VLM config dict of a preset (its ``config.json`` as far as the image features need it)."""
+    if preset not in VLM_PRESETS:
+        raise ConfigError(
+            f"{preset!r} has no VLM preset (image features are preset for {', '.join(sorted(VLM_PRESETS))})",
+            "--preset",
+            "give a VLM checkpoint with --weights/--model, or one of those presets",
+        )
+    data = VLM_PRESETS[preset]
+    return {**data, "vision_config": {**vision.to_dict(), **data.get("vision_config", {})}}
+
+
+def synthetic_projector(
+    path: FeaturePath, vision: SiglipVisionConfig, data: Mapping[str, Any], *, seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Deterministic projector weights at a preset's shapes (canonical ``multi_modal_projector.…`` keys): matrices
+    ``N(0, 1/fan_in)``, biases ``N(0, 0.02²)``, Gemma 3's norm weight ``N(0, 0.1²)`` (scale ``1 + w``)."""
+    d, text = vision.hidden_size, path.text_hidden_size
+    if path.family == "paligemma":
+        out = int((data.get("vision_config") or {}).get("projection_dim") or data.get("projection_dim") or text)
+        shapes = {"linear.weight": (out, d), "linear.bias": (out,)}
+    elif path.family == "llava":
+        shapes = {"linear_1.weight": (text, d * len(path.layers)), "linear_2.weight": (text, text)}
+        if path.extra.get("multimodal_projector_bias", True):
+            shapes |= {"linear_1.bias": (text,), "linear_2.bias": (text,)}
+    elif path.family == "gemma3":
+        shapes = {"mm_input_projection_weight": (d, text), "mm_soft_emb_norm.weight": (d,)}
+    else:
+        s = int(path.extra["scale_factor"])
+        shapes = {"modality_projection.proj.weight": (text, d * s * s)}
+    g = torch.Generator().manual_seed(seed + 1_000_003)
+    out_state = {}
+    for key, shape in sorted(shapes.items()):
+        t = torch.randn(shape, generator=g)
+        if key.endswith("bias"):
+            t = t * 0.02
+        elif key.endswith("norm.weight"):
+            t = t * 0.1
+        else:
+            t = t / math.sqrt(shape[0] if key == "mm_input_projection_weight" else shape[-1])
+        out_state["multi_modal_projector." + key] = t.to(dtype)
+    return out_state
 
 
 @dataclass(frozen=True)
