@@ -193,6 +193,11 @@ def build_inspect_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rename", metavar="MAP.json", help="a map to check instead of inferring one")
     p.add_argument("--write-rename", metavar="FILE", help="save the map (inferred or given) as a --rename file")
+    p.add_argument(
+        "--image-features",
+        action="store_true",
+        help="a VLM candidate (the weights: a VLM checkpoint or preset): its vision_feature and projector too",
+    )
     add_weight_source(p, "weights (at most one; default: synthetic google/siglip-base-patch16-224)", 0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -254,6 +259,7 @@ def _inspect(args: argparse.Namespace) -> int:
         rename=args.rename,
         revision=args.revision,
         synthetic=args.synthetic,
+        image_features=args.image_features,
     )
     print(result.text())
     if args.write_rename:

@@ -18,8 +18,10 @@ from siglip_scratch.errors import OutputError
 from .candidates import RenameLike, as_rename_rules, open_candidate
 from .infer import format_rename_map, infer_site_rules
 from .inputs import make_pixels, select
-from .reference import build_reference, record_reference
-from .sites import SITE_CONTRACT, apply_rename, site_names
+from .reference import record_reference
+from .sites import PROJECTOR, SITE_CONTRACT, VISION_FEATURE, apply_rename, site_names
+from .truth import any_reference
+from .vlm import with_image_features
 from .weights import resolve_weights
 
 __all__ = ["SITE_CONTRACT", "Inspection", "inspect_candidate"]
@@ -73,6 +75,7 @@ def inspect_candidate(
     rename: RenameLike = None,
     revision: str | None = None,
     synthetic: str = "trained",
+    image_features: bool = False,
 ) -> Inspection:
     """Load the weights into the candidate as `compare` does, and say what meets what (see module doc)."""
     given = as_rename_rules(rename)
@@ -81,14 +84,16 @@ def inspect_candidate(
     w = resolve_weights(
         weights=weights, model=model, preset=preset, seed=seed, dtype="float32", revision=revision, synthetic=synthetic
     )
-    config = w.config
-    names = site_names(config, "fine")
+    w = with_image_features(w, preset=preset, seed=seed) if image_features else w
+    config, path = w.config, w.features.path if w.features is not None else None
+    names = site_names(config, "fine", path)
     pixels = make_pixels(config, batch=1, seed=seed)
-    ref_in, ref_out = record_reference(build_reference(config, w.state_dict), names, pixels)
+    ref_in, ref_out = record_reference(any_reference(config, w.state_dict, "sdpa", w.features), names, pixels)
     ref_out = {k: select(pixels, v) for k, v in ref_out.items()}  # as measured (NaFlex: real rows only)
     opened = open_candidate(candidate)
     infer = rename is None and not opened.canonical_names
-    load = opened.load(config, w.state_dict, given, names=names, attn="sdpa", allowed=[], infer=infer)
+    features = {"features": w.features} if w.features is not None else {}
+    load = opened.load(config, w.state_dict, given, names=names, attn="sdpa", allowed=[], infer=infer, **features)
     cand = opened.module
     assert cand is not None
     cand.eval()
@@ -102,6 +107,15 @@ def inspect_candidate(
     rows = []
     for site in names:
         module = modules.get(site)
+        if site == VISION_FEATURE:
+            fed = modules.get(PROJECTOR)
+            rows.append((site, f"input of {fed}" if fed else "MISSING", "the hidden state the projector is fed"))
+            continue
+        if site == PROJECTOR:
+            rows.append(
+                (site, "the candidate's output", f"its projector: {module or 'none found (no isolated forcing)'}")
+            )
+            continue
         if module is None and site == "vision_model.embeddings" and "vision_model.encoder.layers.0" in modules:
             rows.append((site, f"input of {modules['vision_model.encoder.layers.0']}", "no embeddings module"))
         elif module is None:

@@ -419,3 +419,21 @@ def test_image_features_refusals_are_one_line(vlms, tmp_path):
 
     with pytest.raises(InputError, match="judges PyTorch candidates"):
         compare(weights=str(folder), image_features=True, candidate=NotTorch())
+
+
+def test_inspect_shows_the_feature_sites_and_its_map_judges_the_same(vlms, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent.parent))
+    _, folder = vlms["LLaVA"]
+    spec = "examples/llava_port.py:build"
+    saved = tmp_path / "map.json"
+    args = ["inspect", "--candidate", spec, "--weights", str(folder), "--image-features", "--write-rename", str(saved)]
+    assert parity_main(args) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"^vision_feature +input of proj_in ", out, re.M), out
+    assert re.search(r"^multi_modal_projector +the candidate's output \(its projector: proj_in\)", out, re.M), out
+    from examples.llava_port import build
+
+    report = compare(weights=str(folder), image_features=True, candidate=build, rename=str(saved), depth="coarse")
+    assert report.passed, report.table()
