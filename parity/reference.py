@@ -48,7 +48,8 @@ def transformers_version() -> str:
 
 
 def naflex_arithmetic() -> str:
-    """Which transformers' NaFlex arithmetic `Siglip2VisionModel` must reproduce: "5" or "4.57"."""
+    """Which transformers' arithmetic our models reproduce where versions differ: "5" or "4.57" (NaFlex's
+    `Siglip2VisionModel`, Idefics3's bucketed positions in `SiglipImageFeatures`)."""
     return "5" if int(transformers_version().split(".")[0]) >= 5 else "4.57"
 
 

@@ -43,20 +43,16 @@ def vlms(tmp_path_factory):
     return out
 
 
-def _ours(folder) -> SiglipImageFeatures:
+def _ours(folder, T) -> SiglipImageFeatures:
     data = json.loads((folder / "config.json").read_text())
     vision = SiglipVisionConfig.from_dict(data)
     from siglip_scratch.parity.weights import resolve_weights
 
     w = resolve_weights(weights=folder)
-    return SiglipImageFeatures.from_state_dict(
+    ours = SiglipImageFeatures.from_state_dict(
         vision, feature_path(data, vision), {**w.state_dict, **projector_tensors(folder)}
     )
-
-
-def _bucketed(kind: str, T) -> bool:
-    """transformers 4.57's Idefics3/SmolVLM tower buckets its position ids: not SigLIP's (see the converter note)."""
-    return kind in ("SmolVLM", "Idefics3") and not _v5(T)
+    return ours.set_arithmetic("5" if _v5(T) else "4.57")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -65,11 +61,8 @@ def test_our_features_equal_the_vlm_own_get_image_features(kind, vlms, hf):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     want = projector_output(model, kind, x)
     with torch.inference_mode():
-        got = _ours(folder)(x)
-    if _bucketed(kind, hf):
-        assert not torch.equal(got, want), "4.57's bucketed positions were expected to differ"
-    else:
-        assert_exact(got, want, f"{kind}: SiglipImageFeatures vs transformers' get_image_features")
+        got = _ours(folder, hf)(x)
+    assert_exact(got, want, f"{kind}: SiglipImageFeatures vs transformers' get_image_features")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -79,10 +72,6 @@ def test_ours_passes_image_features_against_the_vlm(kind, vlms, hf):
     names = [s.name for s in report.sites]
     assert names[-1] == "multi_modal_projector" and "vision_feature" in names, names
     assert report.reference["impl"].endswith(".get_image_features"), report.reference
-    if _bucketed(kind, hf):
-        # True verdict: our tower gives positions 0…N−1, 4.57's Idefics3 tower does not.
-        assert not report.passed and report.first_divergent_site == "vision_model.embeddings", report.table()
-        return
     assert report.passed, report.table()
     assert all(s.status == "exact" for s in report.sites), report.table()
 
@@ -164,8 +153,6 @@ PLANTED = [
 @pytest.mark.parametrize(("kind", "bug", "site", "words"), PLANTED, ids=[f"{k}-{b}" for k, b, _, _ in PLANTED])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_planted_integration_bug_fails_at_its_site_and_is_named(kind, bug, site, words, dtype, vlms, hf):
-    if _bucketed(kind, hf):
-        pytest.skip("4.57's Idefics3/SmolVLM tower differs from SigLIP's at the embeddings (bucketed positions)")
     _, folder = vlms[kind]
     data = json.loads((folder / "config.json").read_text())
     vision = SiglipVisionConfig.from_dict(data)
@@ -174,7 +161,7 @@ def test_planted_integration_bug_fails_at_its_site_and_is_named(kind, bug, site,
     report = compare(
         weights=str(folder),
         image_features=True,
-        candidate=lambda config: Planted(vision, path, shapes, bug),
+        candidate=lambda config: Planted(vision, path, shapes, bug).set_arithmetic("5" if _v5(hf) else "4.57"),
         depth="fine" if site.endswith("norm") else "coarse",
         dtype=dtype,
     )
@@ -219,7 +206,7 @@ def test_cli_image_features_passes_and_refuses_a_tower_in_one_line(vlms, tmp_pat
     # A tower-only folder: one line, exit 2.
     assert parity_main(["--preset", "google/siglip-base-patch16-224", "--image-features"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--image-features needs a VLM checkpoint" in err[0], err
+    assert len(err) == 1 and "has no VLM preset" in err[0] and "--weights/--model" in err[0], err
 
 
 # -- a port written as a user would (examples/llava_port.py): no rename map -----------------------------------
@@ -315,10 +302,7 @@ def test_with_projector_folder_is_read_by_transformers_vlm_and_judged(kind, vlms
     rc = convert_main([str(folder), str(tmp_path / "out"), "--with-projector", "--verify", "--quiet"])
     out = capsys.readouterr().out
     assert "verify: source check" in out and "PASS: every tensor equals its source" in out, out
-    if _bucketed(kind, hf):  # true: our encoder's positions are not 4.57's bucketed ones (the tensors are right)
-        assert rc == 1 and "first divergent site vision_model.embeddings" in out, out
-    else:
-        assert rc == 0 and "verify: image features of the output against transformers." in out, out
+    assert rc == 0 and "verify: image features of the output against transformers." in out, out
     # transformers' own VLM class reads it: nothing missing but the language model, the same image features.
     verbosity = hf.utils.logging.get_verbosity()
     hf.utils.logging.set_verbosity_error()
@@ -331,8 +315,7 @@ def test_with_projector_folder_is_read_by_transformers_vlm_and_judged(kind, vlms
     assert not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     want, got = projector_output(model, kind, x), projector_output(loaded.eval(), kind, x)
-    if not _bucketed(kind, hf):
-        assert_exact(got, want, f"{kind}: features of the --with-projector folder")
+    assert_exact(got, want, f"{kind}: features of the --with-projector folder")
     record = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert record["options"]["with_projector"] is True
     # The default stays vision-only: no projector, a tower config.

@@ -23,7 +23,7 @@ VISION = dict(
 TEXT = dict(
     hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=12
 )
-FAMILIES = ["PaliGemma", "PaliGemma 2", "Gemma 3", "LLaVA", "LLaVA-OneVision", "SmolVLM", "Idefics3"]
+FAMILIES = ["PaliGemma", "PaliGemma 2", "Gemma 3", "LLaVA", "LLaVA-NeXT", "LLaVA-OneVision", "SmolVLM", "Idefics3"]
 
 
 def build_vlm(kind: str, T: Any) -> torch.nn.Module:
@@ -49,6 +49,14 @@ def build_vlm(kind: str, T: Any) -> torch.nn.Module:
     elif kind == "LLaVA":
         model = T.LlavaForConditionalGeneration(
             T.LlavaConfig(vision_config=vision, text_config={**text, "model_type": "llama"})
+        )
+    elif kind == "LLaVA-NeXT":
+        model = T.LlavaNextForConditionalGeneration(
+            T.LlavaNextConfig(
+                vision_config=vision,
+                text_config={**text, "model_type": "llama"},
+                image_grid_pinpoints=[[32, 32], [32, 64]],
+            )
         )
     elif kind == "LLaVA-OneVision":
         model = T.LlavaOnevisionForConditionalGeneration(
@@ -103,14 +111,29 @@ def projector_output(model: torch.nn.Module, kind: str, x: torch.Tensor) -> torc
     base = model.model
     projector = getattr(base, "multi_modal_projector", None) or base.connector
     got: list[torch.Tensor] = []
-    handle = projector.register_forward_hook(lambda m, a, out: got.append(out))
+
+    def stop(module: Any, args: Any, out: torch.Tensor) -> None:
+        got.append(out)
+        raise _Done  # what follows the projector (LLaVA-NeXT's unpadding and packing) is not what is compared
+
+    handle = projector.register_forward_hook(stop)
     B, _, H, W = x.shape
     kwargs: dict[str, Any] = {}
     if kind == "LLaVA-OneVision":
         kwargs = {"image_sizes": torch.tensor([[H, W]] * B), "batch_num_images": torch.tensor([B])}
+    if kind == "LLaVA-NeXT":
+        # anyres: each image is its base view plus crops; a 32×32 image is a base and one crop, so a batch of two
+        # views is one image, and the projector sees both views.
+        kwargs = {"image_sizes": torch.tensor([[32, 32]] * (B // 2))}
     try:
         with torch.inference_mode():
             base.get_image_features(x[:, None] if kind in ("SmolVLM", "Idefics3") else x, **kwargs)
+    except _Done:
+        pass
     finally:
         handle.remove()
     return got[0]
+
+
+class _Done(Exception):
+    pass

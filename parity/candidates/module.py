@@ -30,7 +30,8 @@ def build_ours(
     """Our encoder for ``config`` on the shared tensors (NaFlex with the installed transformers' arithmetic); with
     ``features`` (a `vlm.VlmSpec`), our tower plus the VLM's feature selection and projector."""
     if features is not None:
-        return SiglipImageFeatures.from_state_dict(config, features.path, state, attn_implementation=attn)  # type: ignore[arg-type]
+        ours = SiglipImageFeatures.from_state_dict(config, features.path, state, attn_implementation=attn)  # type: ignore[arg-type]
+        return ours.set_arithmetic(naflex_arithmetic())  # the installed transformers' (Idefics3's positions)
     model = model_class_for(config).from_state_dict(config, state, attn_implementation=attn)  # type: ignore[arg-type]
     if isinstance(config, Siglip2VisionConfig):
         model.set_arithmetic(naflex_arithmetic())

@@ -70,10 +70,19 @@ class SiglipVisionEmbeddings(nn.Module):
         grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
         return grid.permute(0, 2, 3, 1).view(1, -1, dim)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``position_ids`` ([N], default 0…N−1): the table rows to add, for a tower that picks its own
+        (transformers 4.57's Idefics3 buckets them, `vlm.bucketed_position_ids`)."""
         _, _, height, width = pixel_values.shape
         patches = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
         embeddings = patches.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
+        if position_ids is not None:
+            return embeddings + self.position_embedding(position_ids).unsqueeze(0)
         if interpolate_pos_encoding:
             return embeddings + self.interpolated_positions(height, width)
         return embeddings + self.position_embedding.weight.unsqueeze(0)

@@ -39,6 +39,7 @@ __all__ = [
     "VLM_PRESETS",
     "FeaturePath",
     "SiglipImageFeatures",
+    "bucketed_position_ids",
     "build_projector",
     "feature_path",
     "hub_layout",
@@ -352,6 +353,16 @@ class Idefics3Connector(nn.Module):
         return self.modality_projection(pixel_shuffle(image_features, self.scale_factor))
 
 
+def bucketed_position_ids(side: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """transformers 4.57's Idefics3/SmolVLM position ids for a full ``side × side`` patch grid: each patch's
+    fractional coordinate ``i / side · (1 − 1e-6)``, in the pixels' dtype, bucketed against ``k / side``. Float
+    rounding puts some patches in the bucket before their own, so these are not 0…N−1."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
+    coords = torch.arange(side, device=device, dtype=dtype) / side * (1 - 1e-6)
+    bucket = torch.bucketize(coords, boundaries, right=True)
+    return (bucket[:, None] * side + bucket).flatten()
+
+
 def build_projector(path: FeaturePath, vision: SiglipVisionConfig, shapes: Mapping[str, tuple[int, ...]]) -> nn.Module:
     """The family's projector at the checkpoint's shapes (``shapes``: its ``multi_modal_projector.…`` keys,
     prefix stripped), on the current default device."""
@@ -435,11 +446,24 @@ class SiglipImageFeatures(nn.Module):
             assert not buf.is_meta, f"buffer {name} left on meta"
         return model.eval()
 
+    # Which transformers' arithmetic to reproduce where versions differ: "5", or "4.57", whose Idefics3/SmolVLM tower
+    # buckets its position ids (`bucketed_position_ids`) where 5.x uses 0…N−1 for a full-size image.
+    arithmetic: str = "5"
+
+    def set_arithmetic(self, arithmetic: str) -> SiglipImageFeatures:
+        if arithmetic not in ("5", "4.57"):
+            raise ConfigError(f"unknown arithmetic {arithmetic!r}", "arithmetic", 'use "5" or "4.57"')
+        self.arithmetic = arithmetic
+        return self
+
     def vision_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The hidden state the VLM selects (the projector's input)."""
         tower, path = self.vision_model, self.path
         tower.check_pixel_values(pixel_values, False)
-        hidden = tower.embeddings(pixel_values)
+        ids = None
+        if path.family == "idefics3" and self.arithmetic == "4.57":
+            ids = bucketed_position_ids(self.config.grid_size, pixel_values.dtype, pixel_values.device)
+        hidden = tower.embeddings(pixel_values, position_ids=ids)
         states = [hidden]
         for layer in tower.encoder.layers[: path.last_layer + 1]:
             hidden = layer(hidden)
