@@ -51,10 +51,12 @@ class BatchCheck:
         return {"checked": self.checked, "passed": self.passed, "cause": self.cause, "detail": self.detail}
 
 
-def _final(model: Any, x: torch.Tensor) -> torch.Tensor:
+def _final(model: Any, x: torch.Tensor, like: torch.Size | None = None) -> torch.Tensor:
+    """The final output: a tensor, a VLM candidate's image features (read in the reference's shape ``like``), else
+    the first tensor of what it returns."""
     with torch.inference_mode():
         out = model(x)
-    t = image_features(out)  # a tensor, or a VLM candidate's image_features
+    t = image_features(out, like)
     t = first_tensor(out) if t is None else t
     if t is None:
         raise AssertionError("no output")  # judged runs already proved the candidate returns one
@@ -94,23 +96,23 @@ def check_batches(
     fresh = torch.cat([x[:1].clone(), new, x[:1].clone()])
     cand.set_mode("propagated")
     probe = x.clone()
-    try:
-        base = _final(cand.forward, probe)
-        say("state and batch check: candidate 1/3 (the judged images again) done")
-        probe.copy_(refill)  # the same tensor object the candidate saw, other images in it
-        again = _final(cand.forward, probe)
-        say("state and batch check: candidate 2/3 (the same input tensor, other images) done")
-        mixed = _final(cand.forward, fresh)
-        say("state and batch check: candidate 3/3 (a fresh batch: image 0, a new image, image 0) done")
-    except Exception as exc:  # user code on a batch of another size: say so, never crash or pass silently
-        return BatchCheck(
-            True, False, "batch", f"the candidate failed on a batch of other images: {exc}".splitlines()[0]
-        )
     refs = []
     for k, t in enumerate((x, refill, fresh), 1):
         refs.append(_final(reference, t))
         say(f"state and batch check: reference {k}/3 done")
     ref_base, ref_again, ref_mixed = refs
+    try:
+        base = _final(cand.forward, probe, ref_base.shape)
+        say("state and batch check: candidate 1/3 (the judged images again) done")
+        probe.copy_(refill)  # the same tensor object the candidate saw, other images in it
+        again = _final(cand.forward, probe, ref_again.shape)
+        say("state and batch check: candidate 2/3 (the same input tensor, other images) done")
+        mixed = _final(cand.forward, fresh, ref_mixed.shape)
+        say("state and batch check: candidate 3/3 (a fresh batch: image 0, a new image, image 0) done")
+    except Exception as exc:  # user code on a batch of another size: say so, never crash or pass silently
+        return BatchCheck(
+            True, False, "batch", f"the candidate failed on a batch of other images: {exc}".splitlines()[0]
+        )
     if base.shape != ref_base.shape:
         return BatchCheck(
             False, detail="final output's shape differs from the reference's: state and batch not checked"

@@ -93,7 +93,7 @@ def judged_run(
         output = cand.forward(inputs)
 
     # Candidates without module-level sites still expose their final outputs.
-    fallbacks = final_outputs(output, names)
+    fallbacks = final_outputs(output, names, ref_out.get(PROJECTOR))
     for site, tensor in fallbacks.items():
         if site in names and site not in results and tensor is not None:
             results[site] = judge(site, tensor)
@@ -121,7 +121,7 @@ def compiled_run(cand: Candidate, truth: Truth, inputs: ModelInputs, rule: Rule)
     with torch.inference_mode():
         output = forward_candidate(cand.compiled, inputs)
     results = []
-    for site, tensor in final_outputs(output, truth.names).items():
+    for site, tensor in final_outputs(output, truth.names, truth.ref_out.get(PROJECTOR)).items():
         if site in truth.names and tensor is not None:
             result = measure(site, select(inputs, tensor), truth.ref_out[site], truth.propagated[site], rule)
             result.note = "the compiled forward, end to end"
@@ -242,7 +242,7 @@ def _diagnose_feature_site(
             output = cand.forward(inputs)
     except Exception:  # the candidate already ran once under the same hooks; a second failure is not ours
         return None
-    returned = image_features(output)
+    returned = image_features(output, truth.ref_out[PROJECTOR].shape)
     if site == PROJECTOR and returned is not None:  # the image features are what the candidate returns
         captured[site] = returned.detach().clone()
     if site not in captured or not isinstance(inputs, torch.Tensor):
@@ -253,11 +253,13 @@ def _diagnose_feature_site(
     )
 
 
-def final_outputs(output: Any, names: Sequence[str]) -> dict[str, torch.Tensor | None]:
-    """The sites a model's own output stands in for: the image features (a VLM candidate), else the last hidden
-    state and the pooled output."""
+def final_outputs(
+    output: Any, names: Sequence[str], features_like: torch.Tensor | None = None
+) -> dict[str, torch.Tensor | None]:
+    """The sites a model's own output stands in for: the image features (a VLM candidate, read in the reference's
+    shape ``features_like`` where it is only laid out otherwise), else the last hidden state and the pooled output."""
     if PROJECTOR in names:
-        return {PROJECTOR: image_features(output)}
+        return {PROJECTOR: image_features(output, None if features_like is None else features_like.shape)}
     return {"vision_model.post_layernorm": first_tensor(output), "vision_model.head": _pooled(output)}
 
 

@@ -113,11 +113,22 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return hidden if isinstance(hidden, torch.Tensor) else None
 
 
-def image_features(output: Any) -> torch.Tensor | None:
-    """A VLM candidate's image features: a tensor, or ``image_features`` (a key or an attribute)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    found = output.get("image_features") if isinstance(output, Mapping) else getattr(output, "image_features", None)
+def image_features(output: Any, like: torch.Size | None = None) -> torch.Tensor | None:
+    """A VLM candidate's image features: a tensor, or ``image_features`` (a key or an attribute); with the
+    reference's ``[B, T, D]`` shape (``like``), also the other forms ports return them in: flattened ``[B·T, D]``
+    (as a language model splices them), or one ``[T, D]`` tensor per image (transformers 5's own tuple)."""
+    found = output
+    if not isinstance(output, torch.Tensor):
+        found = output.get("image_features") if isinstance(output, Mapping) else getattr(output, "image_features", None)
+    if like is None or len(like) != 3:
+        return found if isinstance(found, torch.Tensor) else None
+    B, T, D = like
+    if isinstance(found, (list, tuple)) and len(found) == B and all(
+        isinstance(t, torch.Tensor) and tuple(t.shape) == (T, D) for t in found
+    ):
+        return torch.stack(list(found))
+    if isinstance(found, torch.Tensor) and tuple(found.shape) == (B * T, D):
+        return found.view(B, T, D)
     return found if isinstance(found, torch.Tensor) else None
 
 

@@ -420,3 +420,31 @@ def test_inspect_shows_the_feature_sites_and_its_map_judges_the_same(vlms, tmp_p
 
     report = compare(weights=str(folder), image_features=True, candidate=build, rename=str(saved), depth="coarse")
     assert report.passed, report.table()
+
+
+class Flattened(SiglipImageFeatures):
+    """Honest features returned as ports return them: flattened [B·T, D] as spliced into the language model's
+    sequence, or one [T, D] tensor per image (transformers 5's own tuple)."""
+
+    layout = "flat"
+
+    def forward(self, pixel_values):
+        features = super().forward(pixel_values)
+        return features.flatten(0, 1) if self.layout == "flat" else {"image_features": tuple(features.unbind(0))}
+
+
+@pytest.mark.parametrize("layout", ["flat", "per-image"])
+def test_features_returned_flattened_or_per_image_are_read_as_tokens(layout, vlms, hf):
+    _, folder = vlms["LLaVA"]
+    data = json.loads((folder / "config.json").read_text())
+    vision = SiglipVisionConfig.from_dict(data)
+    shapes = {k[len("multi_modal_projector.") :]: tuple(v.shape) for k, v in projector_tensors(folder).items()}
+
+    def build(config):
+        model = Flattened(vision, feature_path(data, vision), shapes)
+        model.layout = layout
+        return model
+
+    report = compare(weights=str(folder), image_features=True, candidate=build, depth="coarse", batch=3)
+    assert report.passed, report.table()
+    assert report.batches["checked"] and report.batches["passed"], report.batches
