@@ -23,6 +23,7 @@ from .sites import (
     FEATURE_SITES,
     FIRST_LAYER,
     PROJECTOR,
+    VISION_FEATURE,
     RenameRules,
     SiteProgress,
     apply_rename,
@@ -92,6 +93,20 @@ def judged_run(
     with torch.inference_mode(), hooked:
         output = cand.forward(inputs)
 
+    if PROJECTOR in names and PROJECTOR not in cand_sites:
+        # No module is fed the vision feature (a projector written with functional calls): nothing reads it, and
+        # in isolated mode nothing can be fed the reference's, so the image features carry the tower's rounding
+        # too. Judged end to end then, where the propagated run does it; alone, isolated judges them as they are.
+        results[VISION_FEATURE] = SiteResult(
+            VISION_FEATURE,
+            status="not_exposed",
+            passed=True,
+            note="no module is fed it; judged through the image features",
+        )
+        if isolated and truth.propagated is not None:
+            results[PROJECTOR] = SiteResult(
+                PROJECTOR, status="not_exposed", passed=True, note="no projector module to feed; judged end to end"
+            )
     # Candidates without module-level sites still expose their final outputs.
     fallbacks = final_outputs(output, names, ref_out.get(PROJECTOR))
     for site, tensor in fallbacks.items():

@@ -123,8 +123,10 @@ def image_features(output: Any, like: torch.Size | None = None) -> torch.Tensor 
     if like is None or len(like) != 3:
         return found if isinstance(found, torch.Tensor) else None
     B, T, D = like
-    if isinstance(found, (list, tuple)) and len(found) == B and all(
-        isinstance(t, torch.Tensor) and tuple(t.shape) == (T, D) for t in found
+    if (
+        isinstance(found, (list, tuple))
+        and len(found) == B
+        and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (T, D) for t in found)
     ):
         return torch.stack(list(found))
     if isinstance(found, torch.Tensor) and tuple(found.shape) == (B * T, D):

@@ -448,3 +448,36 @@ def test_features_returned_flattened_or_per_image_are_read_as_tokens(layout, vlm
     report = compare(weights=str(folder), image_features=True, candidate=build, depth="coarse", batch=3)
     assert report.passed, report.table()
     assert report.batches["checked"] and report.batches["passed"], report.batches
+
+
+def _functional(port):
+    """The projector written with functional calls on its parameters: no module is ever fed the vision feature."""
+
+    def forward(pixels):
+        states = port.tower(pixels)
+        feature = states[port.layer][:, 1:] if port.drop_first else states[port.layer]
+        hidden = F.gelu(F.linear(feature, port.proj_in.weight, port.proj_in.bias))
+        return F.linear(hidden, port.proj_out.weight, port.proj_out.bias)
+
+    port.forward = forward
+    return port
+
+
+@pytest.mark.parametrize("bug", [False, True], ids=["honest", "layer one too late"])
+def test_a_functional_projector_is_judged_end_to_end(bug, vlms, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent.parent))
+    model, folder = vlms["LLaVA"]
+    from examples.llava_port import build
+
+    def tweak(port):
+        return _functional(_late_layer(port) if bug else port)
+
+    off = _port_truth(model, "LLaVA", folder, tweak)
+    assert (off < 1e-9) == (not bug), off
+    report = compare(weights=str(folder), image_features=True, candidate=lambda c: tweak(build(c)), depth="coarse")
+    assert report.passed == (not bug), report.table()
+    statuses = {s.name: s.status for s in report.sites}
+    assert statuses["vision_feature"] == "not_exposed", statuses
+    assert report.propagated_sites is not None
+    prop = {s.name: s.status for s in report.propagated_sites}
+    assert (prop["multi_modal_projector"] == "fail") == bug, prop
