@@ -481,3 +481,41 @@ def test_a_functional_projector_is_judged_end_to_end(bug, vlms, monkeypatch):
     assert report.propagated_sites is not None
     prop = {s.name: s.status for s in report.propagated_sites}
     assert (prop["multi_modal_projector"] == "fail") == bug, prop
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        "PaliGemmaConfig",
+        "Gemma3Config",
+        "LlavaConfig",
+        "LlavaNextConfig",
+        "LlavaOnevisionConfig",
+        "Idefics3Config",
+        "SmolVLMConfig",
+    ],
+)
+def test_feature_path_reads_what_transformers_config_holds(cls, tmp_path, hf):
+    """save_pretrained leaves class defaults out of config.json: our defaults must be transformers' own."""
+    siglip = (
+        {"vision_config": {"model_type": "siglip_vision_model"}} if cls in ("LlavaConfig", "LlavaNextConfig") else {}
+    )
+    config = getattr(hf, cls)(**siglip)  # LLaVA's default tower is CLIP's
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    vision = SiglipVisionConfig.from_dict(data)
+    path = feature_path(data, vision)
+    if path.family == "llava":
+        layer, n = config.vision_feature_layer, vision.num_hidden_layers
+        chosen = [layer] if isinstance(layer, int) else list(layer)
+        assert path.layers == tuple(i if i >= 0 else n + 1 + i for i in chosen), (path, layer)
+        assert path.strategy == config.vision_feature_select_strategy
+        assert path.extra["projector_hidden_act"] == config.projector_hidden_act
+        assert path.extra["multimodal_projector_bias"] == config.multimodal_projector_bias
+    else:
+        assert path.layers == (vision.num_hidden_layers,) and path.post_layernorm
+    if path.family == "gemma3":
+        assert path.extra["mm_tokens_per_image"] == config.mm_tokens_per_image
+    if path.family == "idefics3":
+        assert path.extra["scale_factor"] == config.scale_factor
+    assert path.text_hidden_size == config.text_config.hidden_size
