@@ -261,7 +261,7 @@ def _weights(opts: RunOptions, cand: Candidate) -> Weights:
             seed, regime = pinned.weights["seed"], pinned.weights["synthetic"]
         w = resolve_weights(**source, seed=seed, dtype=opts.dtype, device=opts.device, synthetic=regime)
     if opts.image_features and w.features is None:
-        w = with_image_features(w, preset=opts.preset, seed=opts.seed)
+        w = with_image_features(w, preset=opts.preset, seed=opts.seed, model=opts.model, revision=opts.revision)
     if pinned is not None and fingerprint_digest(w.state_dict) != pinned.fingerprint:
         raise InputError(
             f"these weights ({w.source}) are not the ones the inputs were exported with ({pinned.weights['source']})",

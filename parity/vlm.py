@@ -28,6 +28,7 @@ from siglip_scratch.checkpoint import index_checkpoint, load_tensors
 from siglip_scratch.config import SiglipVisionConfig
 from siglip_scratch.errors import ConfigError, InputError
 from siglip_scratch.files import read_json
+from siglip_scratch.hub import download_vision_checkpoint
 from siglip_scratch.vlm import VLM_PRESETS, FeaturePath, feature_path, projector_key, synthetic_projector, vlm_preset
 
 from .reference import rebuild_position_ids
@@ -79,7 +80,8 @@ def read_vlm_spec(folder: str | Path, vision: SiglipVisionConfig) -> VlmSpec:
 
 def projector_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """The projector's tensors of a VLM folder, canonical ``multi_modal_projector.…`` keys (mapped, not copied)."""
-    found = {name: info for key, info in index_checkpoint(folder).items() if (name := projector_key(key)) is not None}
+    infos = index_checkpoint(folder, vision_only=True, also=lambda key: projector_key(key) is not None)
+    found = {name: info for key, info in infos.items() if (name := projector_key(key)) is not None}
     if not found:
         raise InputError(
             "no projector tensors (multi_modal_projector.… or connector.…) in this checkpoint",
@@ -208,7 +210,9 @@ def build_features_reference(
     return FeaturesReference(vlm, spec).eval()
 
 
-def with_image_features(w: Weights, *, preset: str | None = None, seed: int = 0) -> Weights:
+def with_image_features(
+    w: Weights, *, preset: str | None = None, seed: int = 0, model: str | None = None, revision: str | None = None
+) -> Weights:
     """``w`` with the VLM's projector tensors and feature path: read from its folder (in ``w``'s dtype and device),
     or, for synthetic weights of a preset with a VLM preset (`siglip_scratch.vlm.VLM_PRESETS`), drawn
     deterministically at its shapes."""
@@ -218,6 +222,8 @@ def with_image_features(w: Weights, *, preset: str | None = None, seed: int = 0)
         spec = VlmSpec(data, feature_path(data, w.config, source=f"preset {preset}"), f"preset {preset}")
         projector = synthetic_projector(spec.path, w.config, data, seed=seed, dtype=like.dtype)
     elif w.folder is not None:
+        if model is not None:  # a hub VLM: the shards that hold its projector too (cached ones are not fetched again)
+            download_vision_checkpoint(model, revision=revision, also=lambda key: projector_key(key) is not None)
         spec = read_vlm_spec(w.folder, w.config)
         projector = projector_tensors(w.folder)
     else:

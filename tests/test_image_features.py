@@ -519,3 +519,55 @@ def test_feature_path_reads_what_transformers_config_holds(cls, tmp_path, hf):
     if path.family == "idefics3":
         assert path.extra["scale_factor"] == config.scale_factor
     assert path.text_hidden_size == config.text_config.hidden_size
+
+
+@pytest.mark.hub
+def test_image_features_of_a_hub_vlm_fetch_its_projector_shard_never_its_language_model(vlms, tmp_path):
+    """--model VLM_ID: the tower's shards and the projector's, from a hub on 127.0.0.1; no language-model shard.
+    The shards hold transformers' own saved tensors, split by part (tower, projector, language model)."""
+    from safetensors.torch import load_file, save
+
+    from .hubserver import FakeHub
+
+    _, folder = vlms["LLaVA"]
+    state = load_file(str(folder / "model.safetensors"))
+    parts = {"vision_tower": {}, "multi_modal_projector": {}, "language_model": {}}
+    for key, tensor in state.items():
+        part = next(p for p in parts if p in key.split(".")[:2])
+        parts[part][key] = tensor
+    names = {p: f"model-0000{i + 1}-of-00003.safetensors" for i, p in enumerate(parts)}
+    files = {names[p]: save(t, metadata={"format": "pt"}) for p, t in parts.items()}
+    weight_map = {k: names[p] for p, t in parts.items() for k in t}
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    files["config.json"] = (folder / "config.json").read_bytes()
+    hub = FakeHub().start()
+    try:
+        repo = "someone/tiny-llava-sharded"
+        hub.add_repo(repo, files)
+        env = {
+            **__import__("os").environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_CACHE": str(tmp_path / "cache"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+        }
+        import subprocess
+        import sys
+
+        cmd = [
+            sys.executable,
+            "-m",
+            "siglip_scratch.parity.cli",
+            "--model",
+            repo,
+            "--image-features",
+            "--depth",
+            "coarse",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "PASS" in proc.stdout and "multi_modal_projector" in proc.stdout, proc.stdout
+        assert hub.bytes_served(repo, names["multi_modal_projector"]) > 0
+        assert hub.bytes_served(repo, names["language_model"]) == 0, "a language-model shard was fetched"
+    finally:
+        hub.stop()
