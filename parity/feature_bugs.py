@@ -175,6 +175,16 @@ def diagnose_features(
     """Rank the VLM-integration variants at ``site`` (``x``: the reference's input to a projector site)."""
     if site == VISION_FEATURE:
         library = feature_variants(ours, pixel_values)
+        if candidate_out.dim() == 3 and candidate_out.shape[1] == reference_out.shape[1] + 1:
+            # One token more: whatever its value, the others must be the reference's, in front of it or after it.
+            extra, right = candidate_out.detach(), reference_out.to(candidate_out.dtype)
+            library += [
+                (
+                    "a token added in front (a CLS token SigLIP does not have)",
+                    lambda: torch.cat([extra[:, :1], right], 1),
+                ),
+                ("a token added at the end", lambda: torch.cat([right, extra[:, -1:]], 1)),
+            ]
     elif site == PROJECTOR:
         assert x is not None
         library = projector_variants(ours.multi_modal_projector, ours.path, x)

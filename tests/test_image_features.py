@@ -99,6 +99,9 @@ class Planted(SiglipImageFeatures):
         self.bug = bug
 
     def vision_feature(self, pixel_values):
+        if self.bug == "cls-added":  # a learned CLS token in front, as CLIP towers have
+            feature = super().vision_feature(pixel_values)
+            return torch.cat([feature.mean(1, keepdim=True), feature], dim=1)
         if self.bug == "map-head":
             tower = self.vision_model
             hidden = tower.embeddings(pixel_values)
@@ -141,6 +144,7 @@ PLANTED = [
     ("PaliGemma", "post_layernorm", "vision_feature", "post_layernorm not applied"),
     ("PaliGemma", "map-head", "vision_feature", "MAP head"),
     ("PaliGemma", "cls", "vision_feature", "CLS token"),
+    ("PaliGemma", "cls-added", "vision_feature", "a token added in front"),
     ("LLaVA", "cls", "vision_feature", "first token kept"),
     ("PaliGemma", "scale", "multi_modal_projector", "hidden_size**-0.5"),
     ("LLaVA", "transposed", "multi_modal_projector", "linear_2.weight transposed"),
