@@ -67,3 +67,18 @@ def test_range_scan_flags_nothing_on_synthetic_so400m(hf):
     report = compare(preset=SO400M, mode="propagated", depth="fine", batch=1)
     flagged = [r for r in report.ranges if r["flag"]]
     assert report.passed and len(report.ranges) == 27 * 5 + 3 and not flagged, flagged
+
+
+def test_every_vlm_preset_builds_transformers_vlm_and_ours(hf):
+    """Each VLM preset's config builds transformers' own VLM around our synthetic tower and projector (every key
+    taken, none missing) and our SiglipImageFeatures; make parity runs two of them end to end."""
+    from siglip_scratch.parity.vlm import build_features_reference, with_image_features
+    from siglip_scratch.parity.weights import resolve_weights
+    from siglip_scratch.vlm import VLM_PRESETS, SiglipImageFeatures
+
+    for preset in VLM_PRESETS:
+        w = with_image_features(resolve_weights(preset=preset), preset=preset)
+        build_features_reference(w.features, w.config, w.state_dict)  # raises on any key it does not take
+        ours = SiglipImageFeatures.from_state_dict(w.config, w.features.path, w.state_dict)
+        assert sum(p.numel() for p in ours.parameters()) == sum(t.numel() for t in w.state_dict.values()), preset
+        del w, ours

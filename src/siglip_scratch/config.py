@@ -328,6 +328,17 @@ PRESETS: dict[str, SiglipVisionConfig] = {
     "google/paligemma-3b-pt-224": _base(224, patch_size=14, vision_use_head=False, **_SO400M),
     "google/paligemma-3b-pt-448": _base(448, patch_size=14, vision_use_head=False, **_SO400M),
     "google/paligemma-3b-pt-896": _base(896, patch_size=14, vision_use_head=False, **_SO400M),
+    "google/gemma-3-4b-it": _base(896, patch_size=14, vision_use_head=False, **_SO400M),
+    # SmolVLM-256M: a base-512 tower (Idefics3's tower class has no head).
+    "HuggingFaceTB/SmolVLM-256M-Instruct": _base(
+        512,
+        patch_size=16,
+        vision_use_head=False,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+    ),
     # LLaVA-OneVision's so400m-384 tower has its last layer deleted (26 of 27) and no head.
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": _base(
         384, patch_size=14, vision_use_head=False, **{**_SO400M, "num_hidden_layers": 26}

@@ -114,6 +114,33 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
             "vocab_size": 257216,
         },
     },
+    "google/gemma-3-4b-it": {
+        "model_type": "gemma3",
+        "mm_tokens_per_image": 256,
+        "text_config": {
+            "model_type": "gemma3_text",
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "num_hidden_layers": 34,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "vocab_size": 262208,
+        },
+    },
+    "HuggingFaceTB/SmolVLM-256M-Instruct": {
+        "model_type": "smolvlm",
+        "scale_factor": 4,
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49280,
+        },
+    },
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": {
         "model_type": "llava_onevision",
         "vision_feature_layer": -1,
