@@ -241,21 +241,33 @@ def _interrupt_mid_write(tmp_path: Path, sig: int) -> tuple[int, str]:
     # 2-core machine a 12-layer source finished before the poller saw it, 5 times in a row.
     cfg = TINY.replace(hidden_size=512, intermediate_size=2048, num_hidden_layers=32, num_attention_heads=8)
     src = _src(tmp_path, cfg)
+    ignored = 0
     for _ in range(10):  # the write can still win the race on a fast disk: try again
         out = tmp_path / "out"
-        proc = _cli([str(src), str(out), "--quiet", "--dtype", "bfloat16", "--force"])
+        # SIGINT as a terminal sends it: a runner that started us in the background (`cmd &` without job control)
+        # leaves SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt.
+        proc = _cli(
+            [str(src), str(out), "--quiet", "--dtype", "bfloat16", "--force"],
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.time() + 120
+        sent = False
         while proc.poll() is None and time.time() < deadline:
             tmp = [p for p in tmp_path.iterdir() if ".siglip-convert-tmp-" in p.name]
             if tmp and (tmp[0] / "model.safetensors").exists():
                 proc.send_signal(sig)
+                sent = True
                 break
             time.sleep(0.002)
         _, err = proc.communicate(timeout=120)
         if proc.returncode != 0:
             return proc.returncode, err
+        ignored += sent  # sent while it ran, yet exit 0: it ended first, or the signal is ignored
         os.system(f"rm -rf {out}")
-    pytest.fail("the conversion finished before it could be interrupted, 10 times")
+    pytest.fail(
+        f"the conversion finished before it could be interrupted, 10 times ({ignored} of them after the signal was "
+        f"sent; this process's own handler for it: {signal.getsignal(sig)})"
+    )
 
 
 @covers("O04")
