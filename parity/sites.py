@@ -206,8 +206,8 @@ def teacher_forced(
     if dtype is None and module is not None:
         dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
     current = input_tensor(args, kwargs)
-    if current is not None and current.shape != given.shape:
-        return None  # another token count (a CLS token assumed): nothing of this shape to force; judged as it is
+    if site in FEATURE_SITES and current is not None and current.shape != given.shape:
+        return None  # a projector fed another token count (a CLS token assumed): nothing to force; judged as it is
     if dtype is None and current is not None and current.is_floating_point():
         dtype = current.dtype
     return replace_first_tensor(args, kwargs, given.to(dtype=dtype or given.dtype, copy=True))
