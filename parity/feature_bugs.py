@@ -175,7 +175,8 @@ def diagnose_features(
     """Rank the VLM-integration variants at ``site`` (``x``: the reference's input to a projector site)."""
     if site == VISION_FEATURE:
         library = feature_variants(ours, pixel_values)
-        if candidate_out.dim() == 3 and candidate_out.shape[1] == reference_out.shape[1] + 1:
+        one_more = candidate_out.dim() == 3 and candidate_out.shape[1] == reference_out.shape[1] + 1
+        if one_more and ours.path.strategy == "full":  # ("default" drops a token: keeping it is the closer cause)
             # One token more: whatever its value, the others must be the reference's, in front of it or after it.
             extra, right = candidate_out.detach(), reference_out.to(candidate_out.dtype)
             library += [
