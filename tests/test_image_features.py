@@ -76,9 +76,10 @@ def test_ours_passes_image_features_against_the_vlm(kind, vlms, hf):
     assert all(s.status == "exact" for s in report.sites), report.table()
 
 
-def test_bfloat16_paligemma_and_llava(vlms):
-    for kind in ("PaliGemma", "LLaVA"):
-        report = compare(weights=str(vlms[kind][1]), image_features=True, dtype="bfloat16", depth="coarse")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precisions_pass(dtype, vlms):
+    for kind in ("PaliGemma", "Gemma 3", "LLaVA", "SmolVLM"):
+        report = compare(weights=str(vlms[kind][1]), image_features=True, dtype=dtype, depth="coarse")
         assert report.passed, report.table()
 
 
