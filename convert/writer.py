@@ -275,7 +275,11 @@ def write_safetensors(
         offset += n
     header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    # The tensor data starts on a 64-byte boundary (the format pads with spaces; its own writer pads to 8). Loaded
+    # zero-copy (mmap), the tensors then sit where freshly allocated ones would: MKL's matrix-vector kernels round
+    # differently at other alignments, so without this the converted model's batch-1 head could differ by an ulp
+    # from the same weights built in memory, depending on the header's length (which names the source path).
+    blob += b" " * (-(8 + len(blob)) % 64)
     digest = hashlib.sha256()
     with open(path, "wb") as fh:
 

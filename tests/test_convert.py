@@ -236,6 +236,32 @@ def test_big_vision_config_override(tmp_path):
     assert SiglipVisionConfig.from_pretrained(tmp_path / "out").hidden_act == "gelu"
 
 
+def test_tensor_data_is_64_byte_aligned_whatever_the_source_path(tmp_path):
+    """The header names the source path, so its length varies; the data section must not move with it. Loaded
+    zero-copy, a misaligned weight takes another MKL matrix-vector path (the batch-1 head) and the converted model
+    differed from the same weights in memory by an ulp, depending on the path (first seen under pytest-xdist)."""
+    cfg = get_preset("google/siglip-base-patch16-224").replace(num_hidden_layers=1)
+    state = synthetic_state_dict(cfg, seed=8)
+    ours = SiglipVisionModel.from_state_dict(cfg, state)
+    x = pixels(cfg, 1)
+    with torch.inference_mode():
+        want = ours(x).pooler_output
+    for n in range(8):  # eight path lengths: every residue of the header's 8-byte padding
+        src = tmp_path / ("s" * (n + 1))
+        src.mkdir()
+        save_file(state, str(src / "model.safetensors"))
+        (src / "config.json").write_text(json.dumps(cfg.to_dict()))
+        out = tmp_path / f"out{n}"
+        assert convert_main([str(src), str(out), "--quiet"]) == 0
+        raw = (out / "model.safetensors").read_bytes()
+        start = 8 + int.from_bytes(raw[:8], "little")
+        assert start % 64 == 0, f"{src}: tensor data starts at byte {start}, not on a 64-byte boundary"
+        converted = SiglipVisionModel.from_pretrained(out)
+        assert {p.data_ptr() % 64 for p in converted.parameters()} == {0}
+        with torch.inference_mode():
+            assert_exact(converted(x).pooler_output, want, f"converted from {src.name}")
+
+
 # -- timm / open_clip ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prefix", ["", "visual.trunk."], ids=["timm", "open_clip"])
 def test_timm_and_open_clip_layouts(tmp_path, prefix, capsys):

@@ -235,39 +235,52 @@ def test_disk_full_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
+# The converter's CLI with its writer paused after the first tensor: the signal always lands mid-write, with the
+# temporary folder holding part of model.safetensors (no race with a fast disk or a busy machine). The pause is a
+# plain sleep, which a signal interrupts as it would interrupt the write itself.
+_PAUSED_CLI = """
+import pathlib, sys, time
+from siglip_scratch.convert import writer
+from siglip_scratch.convert.cli import main
+
+marker = pathlib.Path(sys.argv.pop(1))
+chunks = writer._tensor_chunks
+
+def paused(p, dtype):
+    yield from chunks(p, dtype)
+    if not marker.exists():
+        marker.touch()
+        time.sleep(600)
+
+writer._tensor_chunks = paused
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _interrupt_mid_write(tmp_path: Path, sig: int) -> tuple[int, str]:
-    """Start a conversion and signal it once its temporary folder holds part of the weights."""
-    # Big enough that the weights take a while to write (the window the signal must land in): on a busy
-    # 2-core machine a 12-layer source finished before the poller saw it, 5 times in a row.
-    cfg = TINY.replace(hidden_size=512, intermediate_size=2048, num_hidden_layers=32, num_attention_heads=8)
-    src = _src(tmp_path, cfg)
-    ignored = 0
-    for _ in range(10):  # the write can still win the race on a fast disk: try again
-        out = tmp_path / "out"
-        # SIGINT as a terminal sends it: a runner that started us in the background (`cmd &` without job control)
-        # leaves SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt.
-        proc = _cli(
-            [str(src), str(out), "--quiet", "--dtype", "bfloat16", "--force"],
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        deadline = time.time() + 120
-        sent = False
-        while proc.poll() is None and time.time() < deadline:
-            tmp = [p for p in tmp_path.iterdir() if ".siglip-convert-tmp-" in p.name]
-            if tmp and (tmp[0] / "model.safetensors").exists():
-                proc.send_signal(sig)
-                sent = True
-                break
-            time.sleep(0.002)
-        _, err = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            return proc.returncode, err
-        ignored += sent  # sent while it ran, yet exit 0: it ended first, or the signal is ignored
-        os.system(f"rm -rf {out}")
-    pytest.fail(
-        f"the conversion finished before it could be interrupted, 10 times ({ignored} of them after the signal was "
-        f"sent; this process's own handler for it: {signal.getsignal(sig)})"
+    """Start a conversion and signal it while its temporary folder holds part of the weights."""
+    src = _src(tmp_path)
+    marker = tmp_path / "paused"
+    # SIGINT as a terminal sends it: a runner that started us in the background (`cmd &` without job control)
+    # leaves SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_CLI, str(marker), str(src), str(tmp_path / "out"), "--quiet", "--force"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if not marker.exists():
+        proc.kill()
+        pytest.fail(f"the conversion never reached its first tensor (exit {proc.poll()}): {proc.communicate()[1]}")
+    tmp = [p for p in tmp_path.iterdir() if ".siglip-convert-tmp-" in p.name]
+    assert tmp and (tmp[0] / "model.safetensors").is_file(), sorted(p.name for p in tmp_path.iterdir())
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 @covers("O04")
