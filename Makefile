@@ -19,6 +19,10 @@ VENVR ?= .venv-runtimes
 PYR := $(VENVR)/bin/python
 RUNTIMES_SPEC ?= "jax[cpu]==0.10.2" keras-hub==0.32.0 keras==3.15.1 "mlx[cpu]==0.32.4" mlx-vlm==0.7.10 safetensors
 PIP_FLAGS ?= -q --disable-pip-version-check
+# `make test` and `make test-457` run their files on this many pytest-xdist workers, one compute thread each
+# (tests/conftest.py): on 2 cores 6 min against 9.5 for one process. PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install install-457 install-compat install-runtimes runtimes test test-457 test-slow lint format parity parity-quick bench bench-quick compat fuzz clean
 
@@ -33,12 +37,12 @@ install-457: $(VENV457)/.installed
 $(VENV457)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(PY457) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5" "optimum-onnx==0.1.0"
+	$(PY457) -m pip install $(PIP_FLAGS) -e . "transformers==4.57.6" "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6.100" "matplotlib>=3.7" "onnxruntime>=1.17" "onnx>=1.15" "onnxscript>=0.5" "optimum-onnx==0.1.0"
 	touch $@
 
 ## test: the fast suite (tiny and base configs) against the installed transformers 5.x
 test: install
-	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q
+	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q $(XDIST)
 
 # What differs under transformers 4.57.6 / huggingface_hub 0.x: the reference's layout and arithmetic, what its
 # save_pretrained writes (plain, VLM, SigLIP 2), its processors and ONNX exports, the hub client, and the
@@ -51,7 +55,7 @@ VERSIONED_TESTS := tests/test_model_vs_transformers.py tests/test_convert.py tes
 
 ## test-457: the tests of what differs between transformers versions, again under 4.57.6 / huggingface_hub 0.x
 test-457: install-457
-	SIGLIP_REQUIRE_TRANSFORMERS=1 SIGLIP_REQUIRE_OPTIMUM=1 $(PY457) -m pytest -q -m "(transformers or hub) and not slow" $(VERSIONED_TESTS)
+	SIGLIP_REQUIRE_TRANSFORMERS=1 SIGLIP_REQUIRE_OPTIMUM=1 $(PY457) -m pytest -q $(XDIST) -m "(transformers or hub) and not slow" $(VERSIONED_TESTS)
 
 ## test-slow: full-size presets (so400m) and other minutes-long tests
 test-slow: install

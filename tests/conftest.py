@@ -14,12 +14,18 @@ from siglip_scratch.config import TINY_CONFIG
 # Fuzzing budgets: `ci` for `make test` (seconds), `fuzz` for `make fuzz` (a longer campaign).
 # `ci` is derandomised: the same examples on every run and every machine, so `make test` cannot fail
 # by the luck of a seed (the random search, with its example database, belongs to `make fuzz`; a find
-# there becomes a test of its own). The deadline turns a hang into a failure.
+# there becomes a test of its own). No deadline: an example's time is not what is judged, and on a busy
+# 2-core machine a slow example made Hypothesis report "unreliable timings" (a failure) for a correct result.
 settings.register_profile(
-    "ci", max_examples=40, deadline=5000, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci", max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile("fuzz", max_examples=2000, deadline=10000, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Under pytest-xdist (`make test` runs two workers) each worker computes on one thread: two workers of two threads
+# on two cores spend their time waiting for each other (measured: 12.5 min against 9.5 min for one process).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 TINY = TINY_CONFIG
 # head_dim 18 and an odd grid: catches reshapes that only work for "nice" sizes.
