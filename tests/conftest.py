@@ -15,7 +15,7 @@ from siglip_scratch.config import TINY_CONFIG
 # `ci` is derandomised: the same examples on every run and every machine, so `make test` cannot fail
 # by the luck of a seed (the random search, with its example database, belongs to `make fuzz`; a find
 # there becomes a test of its own). No deadline: an example's time is not what is judged, and on a busy
-# 2-core machine a slow example made Hypothesis report "unreliable timings" (a failure) for a correct result.
+# 2-core machine a slow example can make Hypothesis fail a correct result (DeadlineExceeded, "unreliable timings").
 settings.register_profile(
     "ci", max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
