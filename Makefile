@@ -24,7 +24,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_WORKERS ?= 2
 XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
-.PHONY: install install-457 install-compat install-runtimes runtimes test test-457 test-slow lint format parity parity-quick bench bench-quick compat fuzz clean
+.PHONY: install install-457 install-compat install-runtimes runtimes test test-repeat test-457 test-slow lint format parity parity-quick bench bench-quick compat fuzz clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -43,6 +43,16 @@ $(VENV457)/.installed: pyproject.toml
 ## test: the fast suite (tiny and base configs) against the installed transformers 5.x
 test: install
 	SIGLIP_REQUIRE_TRANSFORMERS=1 $(PY) -m pytest -q $(XDIST)
+
+## test-repeat: `make test` N times in a row (default 20), a line per run, stopping at the first failure (flakiness)
+N ?= 20
+test-repeat: install
+	@for i in $$(seq 1 $(N)); do \
+		start=$$(date +%s); \
+		if ! $(MAKE) --no-print-directory test > .test-repeat.log 2>&1; then \
+			cat .test-repeat.log; echo "run $$i of $(N): FAILED (log above)"; exit 1; fi; \
+		echo "run $$i of $(N): green in $$(( $$(date +%s) - start )) s, $$(tail -1 .test-repeat.log)"; \
+	done
 
 # What differs under transformers 4.57.6 / huggingface_hub 0.x: the reference's layout and arithmetic, what its
 # save_pretrained writes (plain, VLM, SigLIP 2), its processors and ONNX exports, the hub client, and the
