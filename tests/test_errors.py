@@ -237,12 +237,16 @@ def test_disk_full_leaves_nothing(tmp_path):
 
 # The converter's CLI with its writer paused after the first tensor: the signal always lands mid-write, with the
 # temporary folder holding part of model.safetensors (no race with a fast disk or a busy machine). The pause is a
-# plain sleep, which a signal interrupts as it would interrupt the write itself.
+# loop of short sleeps, not one long one: Python runs a signal's handler between bytecodes, so a signal that lands
+# after the last check and before a single sleep(600) enters the kernel wakes nothing and waits the full 600 s
+# (CI saw that once, stop 28). In a loop the next iteration runs the handler, as the writer's own loop would.
+# SIGUSR1 dumps the child's stack (faulthandler), so a child that still does not exit says where it is.
 _PAUSED_CLI = """
-import pathlib, sys, time
+import faulthandler, pathlib, signal, sys, time
 from siglip_scratch.convert import writer
 from siglip_scratch.convert.cli import main
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 marker = pathlib.Path(sys.argv.pop(1))
 chunks = writer._tensor_chunks
 
@@ -250,14 +254,16 @@ def paused(p, dtype):
     yield from chunks(p, dtype)
     if not marker.exists():
         marker.touch()
-        time.sleep(600)
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            time.sleep(0.05)
 
 writer._tensor_chunks = paused
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _interrupt_mid_write(tmp_path: Path, sig: int) -> tuple[int, str]:
+def _interrupt_mid_write(tmp_path: Path, sig: int, wait_s: float = 120) -> tuple[int, str]:
     """Start a conversion and signal it while its temporary folder holds part of the weights."""
     src = _src(tmp_path)
     marker = tmp_path / "paused"
@@ -276,11 +282,24 @@ def _interrupt_mid_write(tmp_path: Path, sig: int) -> tuple[int, str]:
     if not marker.exists():
         proc.kill()
         pytest.fail(f"the conversion never reached its first tensor (exit {proc.poll()}): {proc.communicate()[1]}")
-    tmp = [p for p in tmp_path.iterdir() if ".siglip-convert-tmp-" in p.name]
-    assert tmp and (tmp[0] / "model.safetensors").is_file(), sorted(p.name for p in tmp_path.iterdir())
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    try:
+        tmp = [p for p in tmp_path.iterdir() if ".siglip-convert-tmp-" in p.name]
+        assert tmp and (tmp[0] / "model.safetensors").is_file(), sorted(p.name for p in tmp_path.iterdir())
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # its stack, on stderr
+            time.sleep(2)
+            proc.kill()
+            pytest.fail(
+                f"still running {wait_s} s after {signal.Signals(sig).name}; its stack:\n{proc.communicate()[1]}"
+            )
+        return proc.returncode, err
+    finally:
+        if proc.poll() is None:  # a failed assertion above: never leave the paused child sleeping
+            proc.kill()
+            proc.communicate()
 
 
 @covers("O04")
