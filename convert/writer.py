@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siglip_scratch.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
+from siglip_scratch.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, safetensors_prefix, tensor_bytes
 from siglip_scratch.errors import CheckpointError, InputError, OutputError
 
 from .sources import Planned
@@ -247,11 +247,6 @@ def _finite_bytes(chunk: memoryview | bytes, tag: str) -> bool:
     return bool(np.isfinite(total) or np.isfinite(values).all())
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous()
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
 def write_safetensors(
     path: Path,
     items: Sequence[tuple[Planned, torch.dtype]],
@@ -273,13 +268,9 @@ def write_safetensors(
         n = int(np.prod(p.shape, dtype=np.int64)) * SAFETENSORS_DTYPES[tag][1]
         header[p.key] = {"dtype": tag, "shape": list(p.shape), "data_offsets": [offset, offset + n]}
         offset += n
-    header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    # The tensor data starts on a 64-byte boundary (the format pads with spaces; its own writer pads to 8). Loaded
-    # zero-copy (mmap), the tensors then sit where freshly allocated ones would: MKL's matrix-vector kernels round
-    # differently at other alignments, so without this the converted model's batch-1 head could differ by an ulp
-    # from the same weights built in memory, depending on the header's length (which names the source path).
-    blob += b" " * (-(8 + len(blob)) % 64)
+    # The data starts on a 64-byte boundary whatever the header's length (which names the source path): see
+    # DATA_ALIGNMENT.
+    prefix = safetensors_prefix(header, metadata)
     digest = hashlib.sha256()
     with open(path, "wb") as fh:
 
@@ -288,7 +279,7 @@ def write_safetensors(
             digest.update(data)
             on_bytes(len(data))
 
-        emit(len(blob).to_bytes(8, "little") + blob)
+        emit(prefix)
         for p, dtype in items:
             tag = TORCH_TO_SAFETENSORS[dtype]
             for chunk in _tensor_chunks(p, dtype):
@@ -301,7 +292,7 @@ def write_safetensors(
                 emit(chunk)
         fh.flush()
         os.fsync(fh.fileno())
-    return WrittenFile(path.name, digest.hexdigest(), 8 + len(blob) + offset)
+    return WrittenFile(path.name, digest.hexdigest(), len(prefix) + offset)
 
 
 def _tensor_chunks(p: Planned, dtype: torch.dtype) -> Iterator[memoryview | bytes]:
@@ -313,7 +304,7 @@ def _tensor_chunks(p: Planned, dtype: torch.dtype) -> Iterator[memoryview | byte
         raise CheckpointError(f"built shape {list(t.shape)} vs planned {list(p.shape)}", p.where, "report this")
     if t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)
-    yield _tensor_bytes(t)
+    yield tensor_bytes(t)
 
 
 def write_json(path: Path, data: object) -> WrittenFile:

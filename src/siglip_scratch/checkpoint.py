@@ -23,6 +23,7 @@ from .errors import CheckpointError, SourceError
 from .files import read_json
 
 __all__ = [
+    "DATA_ALIGNMENT",
     "SAFETENSORS_DTYPES",
     "TensorInfo",
     "check_state_shapes",
@@ -30,6 +31,9 @@ __all__ = [
     "load_tensors",
     "map_vision_keys",
     "read_safetensors_header",
+    "safetensors_prefix",
+    "save_safetensors",
+    "tensor_bytes",
 ]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -48,6 +52,45 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 TORCH_TO_SAFETENSORS = {dt: tag for tag, (dt, _) in SAFETENSORS_DTYPES.items()}
+
+# Where tensor data starts in the files we write. The format pads the header with spaces; safetensors' own writer
+# pads to 8 bytes, so the data's place moves with the header's length (the keys, the shapes, a source path in the
+# metadata). Loaded zero-copy (mmap; transformers does the same), a weight off a 16-byte boundary takes another MKL
+# matrix-vector path, and the batch-1 MAP head of a reloaded model differed by an ulp from the model that was saved.
+# At 64 bytes the tensors sit where freshly allocated ones would.
+DATA_ALIGNMENT = 64
+
+
+def safetensors_prefix(entries: Mapping[str, object], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file's first bytes: the header's length (8 bytes, little-endian) and the header (``entries``
+    plus ``__metadata__``), padded with spaces so the data that follows starts at a multiple of `DATA_ALIGNMENT`."""
+    blob = json.dumps({**entries, "__metadata__": dict(metadata)}, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % DATA_ALIGNMENT)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes in memory order, without a copy when it is already contiguous."""
+    t = t.detach().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]):
+    """Write CPU ``tensors`` as one safetensors file, the data aligned as the converter's writer aligns it."""
+    entries: dict[str, object] = {}
+    offset = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        entries[key] = {
+            "dtype": TORCH_TO_SAFETENSORS[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    with open(path, "wb") as fh:
+        fh.write(safetensors_prefix(entries, metadata))
+        for t in tensors.values():
+            fh.write(tensor_bytes(t))
 
 
 @dataclass(frozen=True)

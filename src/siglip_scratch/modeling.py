@@ -145,15 +145,16 @@ class _VisionTower(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (``vision_model.`` keys, metadata
-        ``{"format": "pt"}``). Files are written to temporaries and renamed into place."""
-        from safetensors.torch import save_file
+        ``{"format": "pt"}``, the tensor data 64-byte aligned as the converter writes it, so a reloaded model computes
+        what this one does, batch 1 included). Files are written to temporaries and renamed into place."""
+        from .checkpoint import save_safetensors
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
         for name, write in (
-            ("model.safetensors", lambda p: save_file(state, str(p), metadata=SAFETENSORS_METADATA)),
+            ("model.safetensors", lambda p: save_safetensors(state, p, SAFETENSORS_METADATA)),
             ("config.json", lambda p: Path(p).write_text(config_text, encoding="utf-8")),
         ):
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
