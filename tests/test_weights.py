@@ -62,6 +62,29 @@ def test_round_trip_is_exact_at_batch_one(tmp_path, layers, hf):
         assert_exact(theirs(x).pooler_output, want, f"transformers loading our save, {layers} layer(s)")
 
 
+def test_a_misaligned_file_computes_as_transformers_computes_it(tmp_path, hf):
+    """Hub files come from safetensors' own writer, data 8-byte aligned. We map them zero-copy and so does
+    transformers, so both see the same misaligned weights and agree bit for bit at batch 1, though both differ by an
+    ulp from the weights in fresh memory. Should transformers start copying (aligning), this fails, and our loader
+    must copy as well."""
+    cfg = get_preset("google/siglip-base-patch16-224").replace(num_hidden_layers=1)
+    model = SiglipVisionModel.from_config(cfg, seed=5).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    for pad in range(0, 64, 8):  # find the metadata length that puts the data at byte 8 mod 16
+        save_file(state, str(path), metadata={"format": "pt", "pad": "x" * pad})
+        if (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 16 == 8:
+            break
+    else:
+        pytest.fail("no metadata length put the data off a 16-byte boundary")
+    cfg.save_pretrained(tmp_path)
+    ours = SiglipVisionModel.from_pretrained(tmp_path)
+    theirs = hf.SiglipVisionModel.from_pretrained(tmp_path).eval()
+    x = pixels(cfg, 1)
+    with torch.inference_mode():
+        assert_exact(ours(x).pooler_output, theirs(x).pooler_output, "the same misaligned file in both")
+
+
 def test_ours_to_transformers(tmp_path, tiny_model, hf):
     tiny_model.save_pretrained(tmp_path)
     theirs, info = hf.SiglipVisionModel.from_pretrained(tmp_path, output_loading_info=True)
