@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from siglip_scratch.checkpoint import save_safetensors
 from siglip_scratch.config import Siglip2VisionConfig
 from siglip_scratch.errors import OutputError
 
@@ -127,9 +127,9 @@ def export_inputs(
         "made_with": {"transformers": transformers_version(), "torch": torch.__version__},
     }
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "inputs.safetensors"), metadata={"format": FORMAT})
+    save_safetensors(tensors, out / "inputs.safetensors", {"format": FORMAT})
     if write_weights:
-        save_file({k: v.detach().contiguous() for k, v in w.state_dict.items()}, str(out / "weights.safetensors"))
+        save_safetensors({k: v.detach().contiguous() for k, v in w.state_dict.items()}, out / "weights.safetensors")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return out
 

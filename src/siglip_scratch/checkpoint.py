@@ -61,22 +61,27 @@ TORCH_TO_SAFETENSORS = {dt: tag for tag, (dt, _) in SAFETENSORS_DTYPES.items()}
 DATA_ALIGNMENT = 64
 
 
-def safetensors_prefix(entries: Mapping[str, object], metadata: Mapping[str, str]) -> bytes:
+def safetensors_prefix(entries: Mapping[str, object], metadata: Mapping[str, str] | None) -> bytes:
     """A safetensors file's first bytes: the header's length (8 bytes, little-endian) and the header (``entries``
-    plus ``__metadata__``), padded with spaces so the data that follows starts at a multiple of `DATA_ALIGNMENT`."""
-    blob = json.dumps({**entries, "__metadata__": dict(metadata)}, separators=(",", ":")).encode()
+    plus ``__metadata__`` unless None), padded with spaces so the data that follows starts at a multiple of
+    `DATA_ALIGNMENT`."""
+    header = {**entries} if metadata is None else {**entries, "__metadata__": dict(metadata)}
+    blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % DATA_ALIGNMENT)
     return len(blob).to_bytes(8, "little") + blob
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes in memory order, without a copy when it is already contiguous."""
-    t = t.detach().contiguous()
+    """A tensor's bytes in memory order (moved to the CPU first), without a copy when it is already a contiguous CPU
+    tensor."""
+    t = t.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]):
-    """Write CPU ``tensors`` as one safetensors file, the data aligned as the converter's writer aligns it."""
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as one safetensors file, the data aligned as the converter's writer aligns it."""
     entries: dict[str, object] = {}
     offset = 0
     for key, t in tensors.items():
