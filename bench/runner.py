@@ -290,6 +290,7 @@ def write_full_siglip_checkpoint(folder: Path, vision: SiglipVisionConfig, *, te
     with torch.device("meta"):
         model = transformers.SiglipModel(config)
     tensors = {k: torch.full(v.shape, 0.01, dtype=v.dtype) for k, v in model.state_dict().items()}
+    # safetensors' own writer (8-byte aligned data), as the hub's files were written; not checkpoint.save_safetensors
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)
     return (folder / "model.safetensors").stat().st_size
