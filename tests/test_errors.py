@@ -238,8 +238,9 @@ def test_disk_full_leaves_nothing(tmp_path):
 # The converter's CLI with its writer paused after the first tensor: the signal always lands mid-write, with the
 # temporary folder holding part of model.safetensors (no race with a fast disk or a busy machine). The pause is a
 # loop of short sleeps, not one long one: Python runs a signal's handler between bytecodes, so a signal that lands
-# after the last check and before a single sleep(600) enters the kernel wakes nothing and waits the full 600 s
-# (CI saw that once, stop 28). In a loop the next iteration runs the handler, as the writer's own loop would.
+# after the last check and before a single sleep(600) enters the kernel wakes nothing and waits the full 600 s (our
+# reading of stop 28's CI hang, not reproduced: docs/RELIABILITY.md). In a loop the next iteration runs the handler,
+# as the writer's own loop would.
 # SIGUSR1 dumps the child's stack (faulthandler), so a child that still does not exit says where it is.
 _PAUSED_CLI = """
 import faulthandler, pathlib, signal, sys, time
